@@ -1,0 +1,1 @@
+"""FAN and FAN-Hybrid models with a dense per-patch head, and FAN token-labeler (FAN-TL) training."""

@@ -1,0 +1,73 @@
+"""Labeler checkpoints: one file holding the model's identity, its live and EMA weights, and the training state."""
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from shards.errors import UserError
+
+FORMAT = "tokenlabel-checkpoint"
+
+
+def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_size: int,
+                    model: nn.Module, ema: nn.Module, train_state: dict[str, Any] | None = None) -> None:
+    """Write atomically (temp file, then rename) so a killed run never leaves a truncated checkpoint."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "model": model_name,
+        "num_classes": num_classes,
+        "img_size": img_size,
+        "state_dict": model.state_dict(),
+        "ema": ema.state_dict(),
+        "train_state": train_state or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict, refusing files that are missing or not ours with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass the last.pt written by `python -m labeler.train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable torch checkpoint ({type(e).__name__}); re-run training") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a tokenlabel checkpoint (no '{FORMAT}' format tag)")
+    return ckpt
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: identifies the exact labeler a dump came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the checkpoint's model with its EMA weights, in eval mode, plus its identity (name, K, input size, sha256)."""
+    import labeler.fan  # noqa: F401  (registers the FAN models with timm)
+
+    ckpt = read_checkpoint(path)
+    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"])
+    model.load_state_dict(ckpt["ema"])
+    model.to(device).eval()
+    meta = {
+        "model": ckpt["model"],
+        "num_classes": ckpt["num_classes"],
+        "img_size": ckpt["img_size"],
+        "sha256": file_sha256(path),
+        "epoch": ckpt["train_state"].get("epoch"),
+    }
+    return model, meta

@@ -1,0 +1,190 @@
+"""The one shard reader every stage uses: key, decoded image, class and mask, split across ranks and workers."""
+
+import io
+import random
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from shards.errors import UserError
+from shards.manifest import Manifest, load_manifest
+
+IMAGE_KEYS = ("jpg", "jpeg", "png")
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class SkipLog:
+    """Samples skipped under on_error="skip": (shard, key, reason), reported at the end."""
+
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, shard: str, key: str, reason: str) -> None:
+        self.skipped.append((shard, key, reason))
+        print(f"warning: skipped {shard}: {key}: {reason}", file=sys.stderr)
+
+    def report(self) -> str:
+        return f"{len(self.skipped)} sample(s) skipped" + "".join(f"\n  {s}: {k}: {r}" for s, k, r in self.skipped)
+
+
+class CorruptSample(Exception):
+    """A tar member that cannot be decoded; the message says which member and why."""
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode one grouped tar sample into key, RGB image, class and (optional) mask."""
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None or "cls" not in raw:
+        raise CorruptSample("sample lacks an image (.jpg/.jpeg/.png) or a .cls member")
+    try:
+        image = Image.open(io.BytesIO(raw[image_key])).convert("RGB")
+        mask = Image.open(io.BytesIO(raw["mask.png"])) if "mask.png" in raw else None
+        if mask is not None:
+            mask.load()
+        cls = int(raw["cls"])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CorruptSample(f"cannot decode its .{image_key}, .cls or .mask.png ({type(e).__name__})") from e
+    return {"key": raw["__key__"], "image": image, "cls": cls, "mask": mask}
+
+
+def read_shard(root: str | Path, split: str, filename: str, on_error: str = "raise",
+               skips: SkipLog | None = None, manifest: Manifest | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the decoded samples of one shard in order, each with its row `index` in the split's order.
+
+    The shard must hold exactly the samples the manifest says; a truncated tar, a corrupt image or a count
+    mismatch is a UserError naming shard and key, unless on_error="skip" (then each skip goes to `skips`).
+    """
+    if on_error not in ON_ERROR:
+        raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    manifest = manifest or load_manifest(root)
+    names = [name for name, _ in manifest.shards(split)]
+    if filename not in names:
+        raise UserError(f"{filename}: not a shard of split '{split}' in {manifest.root}/manifest.json")
+    position = names.index(filename)
+    first, expected = manifest.offsets(split)[position], manifest.shards(split)[position][1]
+    path = manifest.root / filename
+    skips = skips if skips is not None else SkipLog()
+    seen, last_key = 0, "(start of shard)"
+    try:
+        with open(path, "rb") as stream:
+            members = ({**member, "__url__": str(path)} for member in tar_file_iterator(stream))
+            for raw in group_by_keys(members):
+                last_key = raw["__key__"]
+                index, seen = first + seen, seen + 1
+                if seen > expected:
+                    raise UserError(f"{path}: holds more samples than the {expected} in manifest.json; rebuild the shards")
+                try:
+                    sample = decode_sample(raw)
+                except CorruptSample as e:
+                    if on_error == "raise":
+                        raise UserError(f"{path}: {last_key}: {e}; rebuild the shard or use the skip policy") from e
+                    skips.add(str(path), last_key, str(e))
+                    continue
+                sample["index"] = index
+                yield sample
+    except (tarfile.TarError, OSError, EOFError) as e:
+        message = f"{path}: truncated or corrupt tar after key {last_key} ({e})"
+        if on_error == "raise":
+            raise UserError(message + "; rebuild this shard") from e
+        skips.add(str(path), f"after {last_key}", f"{expected - seen} sample(s) unreadable: {e}")
+        return
+    if seen < expected:
+        message = f"{path}: holds {seen} samples but manifest.json says {expected}; the tar is truncated or replaced"
+        if on_error == "raise":
+            raise UserError(message)
+        skips.add(str(path), f"after {last_key}", message)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's torch.distributed rank and world size ((0, 1) when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardReader(IterableDataset):
+    """Stream a split's samples: shards shuffled per epoch (seed + epoch), split over ranks then workers.
+
+    Every rank sees the same shard order and takes every world_size-th shard; inside a rank, DataLoader workers
+    take every num_workers-th of those. `len()` is this rank's exact sample count for the epoch. rank and
+    world_size default to torch.distributed's.
+    """
+
+    def __init__(self, root: str | Path, split: str, *, shuffle: bool = False, seed: int = 0, buffer: int = 512,
+                 transform: Callable[[dict[str, Any]], Any] | None = None, on_error: str = "raise",
+                 rank: int | None = None, world_size: int | None = None):
+        self.manifest = load_manifest(root)
+        self.rank, self.world_size = rank, world_size
+        self.split, self.shuffle, self.seed, self.buffer = split, shuffle, seed, buffer
+        self.transform, self.on_error = transform, on_error
+        self.epoch = 0
+        self.skips = SkipLog()
+        self.manifest.split(split)  # fail now, naming the split, rather than in a worker
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rank_shards(self) -> list[tuple[str, int]]:
+        shards = self.manifest.shards(self.split)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
+        rank, world = self.node()
+        return shards[rank::world]
+
+    def node(self) -> tuple[int, int]:
+        default_rank, default_world = rank_and_world()
+        return (default_rank if self.rank is None else self.rank,
+                default_world if self.world_size is None else self.world_size)
+
+    def __len__(self) -> int:
+        return sum(count for _, count in self.rank_shards())
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.rank_shards()[worker::workers]
+        samples = (sample for name, _ in mine
+                   for sample in read_shard(self.manifest.root, self.split, name, self.on_error, self.skips,
+                                            self.manifest))
+        if self.shuffle:
+            rank, _ = self.node()
+            samples = shuffled(samples, self.buffer, random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}"))
+        for sample in samples:
+            yield self.transform(sample) if self.transform else sample
+        if self.skips.skipped:
+            print(f"{self.manifest.root} [{self.split}]: {self.skips.report()}", file=sys.stderr)
+
+
+def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer: fill to `size`, then emit a random element for each new one."""
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        buffer[slot], sample = sample, buffer[slot]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def split_keys(root: str | Path, split: str) -> list[str]:
+    """The split's keys in shard order, read from tar headers only (no decoding)."""
+    manifest = load_manifest(root)
+    keys: list[str] = []
+    for name, _ in manifest.shards(split):
+        with tarfile.open(manifest.root / name) as tar:
+            for member in tar.getnames():
+                key, _ = base_plus_ext(member)
+                if key is not None and (not keys or keys[-1] != key):
+                    keys.append(key)
+    return keys

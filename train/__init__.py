@@ -1,0 +1,1 @@
+"""Student training from offline token labels: label-aware data path, losses, mixing, TL-Align, evaluation."""
