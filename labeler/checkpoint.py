@@ -15,12 +15,18 @@ FORMAT = "tokenlabel-checkpoint"
 
 
 def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_size: int,
-                    model: nn.Module, ema: nn.Module, train_state: dict[str, Any] | None = None) -> None:
-    """Write atomically (temp file, then rename) so a killed run never leaves a truncated checkpoint."""
+                    model: nn.Module, ema: nn.Module, train_state: dict[str, Any] | None = None,
+                    model_kwargs: dict[str, Any] | None = None, kind: str = "labeler") -> None:
+    """Write atomically (temp file, then rename) so a killed run never leaves a truncated checkpoint.
+
+    `kind` is "labeler" or "student"; `model_kwargs` are the extra arguments that rebuild the model by name.
+    """
     path = Path(path)
     payload = {
         "format": FORMAT,
+        "kind": kind,
         "model": model_name,
+        "model_kwargs": model_kwargs or {},
         "num_classes": num_classes,
         "img_size": img_size,
         "state_dict": model.state_dict(),
@@ -60,7 +66,9 @@ def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     import labeler.fan  # noqa: F401  (registers the FAN models with timm)
 
     ckpt = read_checkpoint(path)
-    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"])
+    if ckpt.get("kind", "labeler") != "labeler":
+        raise UserError(f"{path}: is a {ckpt['kind']} checkpoint, not a labeler's; pass DIR/last.pt of labeler.train")
+    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["ema"])
     model.to(device).eval()
     meta = {

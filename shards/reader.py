@@ -115,16 +115,19 @@ class ShardReader(IterableDataset):
 
     Every rank sees the same shard order and takes every world_size-th shard; inside a rank, DataLoader workers
     take every num_workers-th of those. `len()` is this rank's exact sample count for the epoch. rank and
-    world_size default to torch.distributed's.
+    world_size default to torch.distributed's. `annotate` sees every sample in shard order, before the shuffle
+    buffer (where per-shard side data, such as a label store's chunk, is cheapest to join); `transform` runs
+    after it, in the worker.
     """
 
     def __init__(self, root: str | Path, split: str, *, shuffle: bool = False, seed: int = 0, buffer: int = 512,
+                 annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  transform: Callable[[dict[str, Any]], Any] | None = None, on_error: str = "raise",
                  rank: int | None = None, world_size: int | None = None):
         self.manifest = load_manifest(root)
         self.rank, self.world_size = rank, world_size
         self.split, self.shuffle, self.seed, self.buffer = split, shuffle, seed, buffer
-        self.transform, self.on_error = transform, on_error
+        self.annotate, self.transform, self.on_error = annotate, transform, on_error
         self.epoch = 0
         self.skips = SkipLog()
         self.manifest.split(split)  # fail now, naming the split, rather than in a worker
@@ -154,6 +157,8 @@ class ShardReader(IterableDataset):
         samples = (sample for name, _ in mine
                    for sample in read_shard(self.manifest.root, self.split, name, self.on_error, self.skips,
                                             self.manifest))
+        if self.annotate:
+            samples = map(self.annotate, samples)
         if self.shuffle:
             rank, _ = self.node()
             samples = shuffled(samples, self.buffer, random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}"))

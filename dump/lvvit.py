@@ -1,0 +1,184 @@
+"""LV-ViT interop: export a store to, or import one from, LV-ViT's per-image `.pt` label layout, exactly.
+
+    python -m dump.lvvit export STORE DIR
+    python -m dump.lvvit import DIR STORE --shards shards/NAME [--split train --input-size 576 --crop-pct 1.0]
+
+LV-ViT (TokenLabeling's generate_label.py) writes one file per training image, `<class_dir>/<stem>.pt`, holding
+a float16 tensor [2, k, H, W]: the top-k scores, then their class ids, also as float16. A file's path without
+`.pt` is our sample key. Scores are float16 in both layouts, so they move bit for bit.
+
+Class ids: float16 holds every integer only up to 2048. An id above 2048 in a file may already have been
+rounded by its producer (2049 is stored as 2048), so it cannot be trusted: import refuses any file with an id
+above 2048, and export refuses a store holding one. Datasets with K <= 2049 classes always round-trip; with
+more classes the LV-ViT layout itself is lossy, use the Zarr store. Rows skipped as corrupt (NaN scores) have
+no LV-ViT file: export leaves them out and says how many.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dump.store import (
+    check_complete,
+    create_store,
+    dataset_attrs,
+    examples,
+    make_footprint,
+    mark_complete,
+    open_store,
+    publish,
+    store_attrs,
+    store_lock,
+    temporary_path,
+)
+from dump.verify import verify_store
+from shards.errors import UserError, cli
+from shards.manifest import load_manifest
+from shards.reader import split_keys
+
+MAX_EXACT_ID = 2048  # the largest n such that every integer 0..n is exact in float16
+
+
+def check_ids(ids: np.ndarray, num_classes: int, where: str) -> None:
+    """Class ids that float16 holds exactly and that name a class; else one line saying which and why."""
+    if (ids > MAX_EXACT_ID).any():
+        raise UserError(f"{where}: class id {int(ids.max())} > {MAX_EXACT_ID} cannot be exact in LV-ViT's float16 "
+                        f"layout (ids above {MAX_EXACT_ID} may be rounded); use the Zarr store for K > {MAX_EXACT_ID + 1}")
+    if (ids != np.round(ids)).any() or (ids < 0).any() or (ids >= num_classes).any():
+        raise UserError(f"{where}: class ids must be integers in [0, {num_classes}), found {ids.min()}..{ids.max()}")
+
+
+def prepare_dir(out: Path, overwrite: bool) -> Path:
+    """A temporary sibling of `out` to write into; `out` must be absent or empty unless --overwrite."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: folder is not empty; pass --overwrite to replace it or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return temporary_path(out)
+
+
+def export_lvvit(store_path: Path, out: Path, overwrite: bool = False) -> tuple[int, int]:
+    """Write every labelled row as `<out>/<key>.pt`; returns (files written, skipped rows left out)."""
+    store = open_store(store_path)
+    check_complete(store)
+    keys, valid = store.keys, store.valid()
+    with store_lock(out):
+        tmp = prepare_dir(out, overwrite)
+        try:
+            bar = tqdm(total=store.num_rows, unit="img", desc="export")
+            for position in range(len(store.attrs["dataset"]["shards"])):
+                start, stop = store.shard_rows(position)
+                scores, classes = store.read_rows(start, stop)
+                for row in np.flatnonzero(valid[start:stop] == 1):
+                    key = keys[start + row]
+                    check_ids(classes[row], store.num_classes, f"{store.path}: row {start + row} ({key})")
+                    path = tmp / f"{key}.pt"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(torch.stack([torch.from_numpy(scores[row]),
+                                            torch.from_numpy(classes[row].astype(np.float16))]), path)
+                bar.update(stop - start)
+            bar.close()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(tmp, out)
+    written = int(valid.sum())
+    return written, len(valid) - written
+
+
+def read_lvvit(path: Path, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """One LV-ViT label file: a float16 [2, k, H, W] tensor (of `shape` once the first file fixed it)."""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable torch file ({type(e).__name__}); re-export it") from e
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.dim() != 4 or t.shape[0] != 2:
+        what = f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise UserError(f"{path}: holds {what}, expected LV-ViT's float16 [2, k, H, W]")
+    if shape is not None and tuple(t.shape) != shape:
+        raise UserError(f"{path}: shape {list(t.shape)} differs from the first file's {list(shape)}")
+    return t
+
+
+def import_lvvit(src: Path, store_path: Path, shards: Path, *, split: str = "train", input_size: int = 576,
+                 crop_pct: float = 1.0, interpolation: str = "bicubic", model: str = "unknown (LV-ViT files)",
+                 overwrite: bool = False) -> int:
+    """Build a complete, verified store from `<src>/<key>.pt` files for every key of the split; returns N."""
+    manifest = load_manifest(shards)
+    keys = split_keys(shards, split)
+    missing = [key for key in keys if not (src / f"{key}.pt").is_file()]
+    if missing:
+        raise UserError(f"{src}: {len(missing)} of {len(keys)} keys of split '{split}' have no .pt file "
+                        f"(e.g. {examples(missing)}); every image of the split needs its label file")
+    shape = tuple(read_lvvit(src / f"{keys[0]}.pt", None).shape)
+    attrs = store_attrs(num_classes=manifest.num_classes, k=shape[1], grid=shape[2:],
+                        footprint=make_footprint(input_size, crop_pct, interpolation),
+                        labeler={"model": model, "sha256": None, "input_size": input_size, "epoch": None,
+                                 "mean": None, "std": None},
+                        dataset=dataset_attrs(manifest, split),
+                        producer={"tool": "dump.lvvit import", "source": str(src.resolve())})
+    with store_lock(store_path):
+        if store_path.exists() and not overwrite:
+            raise UserError(f"{store_path}: already exists; pass --overwrite to replace it or choose another store")
+        tmp = temporary_path(store_path)
+        try:
+            group = create_store(tmp, attrs)
+            bar = tqdm(total=len(keys), unit="img", desc="import")
+            start = 0
+            for position, (_, count) in enumerate(manifest.shards(split)):
+                rows = slice(start, start + count)
+                maps = np.stack([read_lvvit(src / f"{key}.pt", shape).numpy() for key in keys[rows]])
+                check_ids(maps[:, 1], manifest.num_classes, f"{src}: shard {position} files")
+                group["scores"][rows] = maps[:, 0]
+                group["classes"][rows] = maps[:, 1].astype(group["classes"].dtype)
+                group["keys"][rows] = np.array(keys[rows], dtype=str)
+                group["valid"][rows] = 1
+                group["done"][position] = 1
+                start += count
+                bar.update(count)
+            bar.close()
+            mark_complete(group)
+            failures, _ = verify_store(tmp, shards)
+            if failures:
+                raise UserError(f"{src}: the imported labels fail verification: {failures[0]}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(tmp, store_path)
+    return len(keys)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="store -> <DIR>/<key>.pt files")
+    export.add_argument("store", type=Path)
+    export.add_argument("dir", type=Path)
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    imp = commands.add_parser("import", help="<DIR>/<key>.pt files -> a complete, verified store")
+    imp.add_argument("dir", type=Path)
+    imp.add_argument("store", type=Path)
+    imp.add_argument("--shards", type=Path, required=True, help="the shard folder whose keys the files label")
+    imp.add_argument("--split", default="train")
+    imp.add_argument("--input-size", type=int, default=576, help="producer's input side (LV-ViT's NFNet-F6: 576)")
+    imp.add_argument("--crop-pct", type=float, default=1.0, help="producer's centre-crop share (LV-ViT: 1.0)")
+    imp.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest"), default="bicubic")
+    imp.add_argument("--model", default="unknown (LV-ViT files)", help="producer model name, recorded in the store")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        written, left_out = export_lvvit(args.store, args.dir, args.overwrite)
+        print(f"wrote {written} files to {args.dir}" + (f"; {left_out} skipped row(s) have no file" if left_out else ""))
+    else:
+        count = import_lvvit(args.dir, args.store, args.shards, split=args.split, input_size=args.input_size,
+                             crop_pct=args.crop_pct, interpolation=args.interpolation, model=args.model,
+                             overwrite=args.overwrite)
+        print(f"wrote {args.store}: {count} rows imported from {args.dir}, verified")
+
+
+if __name__ == "__main__":
+    main()

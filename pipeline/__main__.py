@@ -1,0 +1,183 @@
+"""Run a named pipeline of pipelines.yaml end to end: `python -m pipeline demo`.
+
+Each stage runs its own command (the same ones a user types) in a subprocess. A stage is skipped when its
+record under <runs>/stages/ says it finished with the same configuration (its own and that of every stage it
+reads from); it is redone when the configuration changed. A run killed at any point resumes: finished stages
+are skipped, the interrupted one resumes from its own checkpoint or completion flags.
+"""
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Pipeline, load_pipelines
+from shards.errors import UserError, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flags(args: dict[str, Any]) -> list[str]:
+    """{"batch-size": 64, "amp": True, "aa": None} -> ["--batch-size", "64", "--amp"]."""
+    out: list[str] = []
+    for key, value in args.items():
+        if value is False or value is None:
+            continue
+        out.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            out.extend(str(v) for v in value) if isinstance(value, list) else out.append(str(value))
+    return out
+
+
+def identity(config: Any, *upstream: str) -> str:
+    blob = json.dumps([config, *upstream], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, python: str = sys.executable):
+        self.p, self.python = pipeline, python
+        self.runs = ROOT / pipeline.runs
+        self.records = self.runs / "stages"
+        self.shards = ROOT / pipeline.dataset.out
+        self.store = self.shards / "labels" / f"{pipeline.dump.name}.zarr"
+        self.summary: list[tuple[str, str, float]] = []
+
+    def stage(self, name: str, ident: str, outputs: list[Path], command: list[str], fresh: list[Path]) -> str:
+        """Run one stage unless its record matches `ident`; on a changed configuration clear `fresh` first."""
+        record_path = self.records / f"{name}.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if record and record["identity"] == ident and all(p.exists() for p in outputs):
+            self.summary.append((name, "skipped (up to date)", record["seconds"]))
+            return ident
+        marker = self.records / f"{name}.started"  # identity of the last run begun: same = resume, else redo
+        if marker.is_file() and marker.read_text() != ident:
+            for path in fresh:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        self.records.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ident)
+        print(f"\n== {self.p.name}: {name}\n$ {' '.join(command[2:] if command[0] == self.python else command)}",
+              flush=True)
+        started = time.time()
+        result = subprocess.run(command, cwd=ROOT)
+        if result.returncode != 0:
+            raise UserError(f"stage '{name}' failed (exit {result.returncode}); fix the cause and run again to resume")
+        seconds = time.time() - started
+        record_path.write_text(json.dumps({"identity": ident, "seconds": seconds}) + "\n")
+        self.summary.append((name, "done", seconds))
+        return ident
+
+    def module(self, name: str, *args: str) -> list[str]:
+        return [self.python, "-m", name, *args]
+
+    def run(self) -> None:
+        p = self.p
+        d = p.dataset
+        if d.demo is not None:
+            command = self.module("shards.demo", "--out", d.out, "--overwrite", *flags(d.demo), *flags(d.args))
+        elif d.imagefolder:
+            command = self.module("shards.build", "--imagefolder", d.imagefolder, "--out", d.out, "--overwrite",
+                                  *flags(d.args))
+        else:
+            raise UserError(f"pipelines.yaml:{p.name}.dataset: give either 'demo' or 'imagefolder'")
+        data_id = self.stage("dataset", identity(asdict(d)), [self.shards / "manifest.json"], command, [])
+
+        lab = p.labeler
+        lab_dir = ROOT / lab.out
+        lab_id = self.stage("labeler", identity(asdict(lab), data_id), [lab_dir / "last.pt"], self.module(
+            "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs", str(lab.epochs), "--out", lab.out,
+            *flags(lab.args)), [lab_dir])
+
+        dump = p.dump
+        dump_args = {"topk": dump.topk, "input-size": dump.input_size, **dump.args}
+        dump_id = self.stage("dump", identity(asdict(dump), lab_id), [self.store], self.module(
+            "dump.dump_labels", "--shards", d.out, "--checkpoint", str(lab_dir / "last.pt"),
+            "--out", str(self.store), *flags(dump_args)), [self.store])
+
+        for s in p.students:
+            out = self.runs / s.name
+            extra = [] if s.token_labels else ["--no-token-labels"]
+            self.stage(f"student-{s.name}", identity(asdict(s), dump_id), [out / "last.pt"], self.module(
+                "train.student", "--labels", str(self.store), "--model", s.model, "--epochs", str(s.epochs),
+                "--out", str(out), *extra, *flags(s.args)), [out])
+
+        e = p.eval
+        names = sorted((s.name for s in p.students), key=lambda n: n != e.baseline)  # the baseline first
+        for name in names:
+            out = self.runs / name
+            eval_args = {"corruptions": e.corruptions, "severities": e.severities, **e.args}
+            base = ["--baseline", str(self.runs / e.baseline)] if e.baseline and name != e.baseline else []
+            self.stage(f"eval-{name}", identity(asdict(e), name, self.stage_ident(f"student-{name}")),
+                       [out / "eval.json"], self.module("train.eval", str(out / "last.pt"), "--shards", d.out,
+                                                        *base, *flags(eval_args)), [out / "eval.json"])
+
+        pictures = self.runs / "pictures"
+        self.stage("pictures", identity(asdict(p.pictures), dump_id), [pictures], self.module(
+            "dump.show", str(self.store), "--first", str(p.pictures.count), "--out", str(pictures)), [pictures])
+        print(self.table())
+
+    def stage_ident(self, name: str) -> str:
+        path = self.records / f"{name}.json"
+        return json.loads(path.read_text())["identity"] if path.is_file() else ""
+
+    def table(self) -> str:
+        """What the run made and measured, as a markdown table (also written to <runs>/summary.md)."""
+        lines = [f"# pipeline {self.p.name}", "", "| stage | status | seconds |", "|---|---|---|"]
+        lines += [f"| {n} | {s} | {t:.0f} |" for n, s, t in self.summary]
+        lab = last_metrics(ROOT / self.p.labeler.out / "metrics.jsonl")
+        lines += ["", f"labeler {self.p.labeler.model}: top1 {fmt(lab.get('top1'))}, "
+                      f"token_fg_acc {fmt(lab.get('token_fg_acc'))}, store {self.store.relative_to(ROOT)}", "",
+                  "| student | model | token labels | top1 | top1 combined | corrupt acc | mCE | fg token acc | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in self.p.students:
+            ev = read_json(self.runs / s.name / "eval.json")
+            seconds = sum(m.get("time", 0) for m in read_jsonl(self.runs / s.name / "metrics.jsonl"))
+            lines.append(f"| {s.name} | {s.model} | {'yes' if s.token_labels else 'no'} | {fmt(ev.get('top1'))} | "
+                         f"{fmt(ev.get('top1_combined'))} | {fmt(ev.get('corrupt_acc'))} | {fmt(ev.get('mce'))} | "
+                         f"{fmt(ev.get('token_fg_acc'))} | {seconds:.0f} |")
+        text = "\n".join(lines) + "\n"
+        (self.runs / "summary.md").write_text(text)
+        return text
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "-"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def last_metrics(path: Path) -> dict[str, Any]:
+    rows = read_jsonl(path)
+    return rows[-1] if rows else {}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a pipeline of the file, e.g. demo, demo-quick, imagenet")
+    parser.add_argument("--file", type=Path, default=ROOT / "pipelines.yaml")
+    parser.add_argument("--check", action="store_true", help="only load and validate the file")
+    args = parser.parse_args(argv)
+    pipelines = load_pipelines(args.file)
+    if args.name not in pipelines:
+        raise UserError(f"{args.file}: no pipeline '{args.name}'; it has: {', '.join(pipelines)}")
+    if args.check:
+        print(f"{args.file}: {len(pipelines)} pipeline(s) valid: {', '.join(pipelines)}")
+        return
+    Runner(pipelines[args.name]).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""pipelines.yaml: its schema, and loading with one clear line for an unknown key or a wrong type."""
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from shards.errors import UserError
+
+Args = dict[str, Any]  # extra command-line flags of a stage's tool: {"batch-size": 64, "amp": true}
+
+
+@dataclass
+class Dataset:
+    out: str                          # shards/<name>
+    demo: dict[str, Any] | None = None  # arguments of shards.demo (train, val, size, ...), or
+    imagefolder: str | None = None    # an ImageFolder root for shards.build
+    args: Args = field(default_factory=dict)
+
+
+@dataclass
+class Labeler:
+    model: str
+    epochs: int
+    out: str                          # run folder: last.pt, metrics.jsonl
+    args: Args = field(default_factory=dict)
+
+
+@dataclass
+class Dump:
+    name: str                         # the store is <dataset.out>/labels/<name>.zarr
+    topk: int = 5
+    input_size: int | None = None     # labeler input side; the grid follows from the labeler's stride
+    args: Args = field(default_factory=dict)
+
+
+@dataclass
+class Student:
+    name: str                         # run folder <runs>/<name>
+    model: str
+    epochs: int
+    token_labels: bool = True
+    args: Args = field(default_factory=dict)
+
+
+@dataclass
+class Eval:
+    baseline: str | None = None       # a student name: mCE is computed against it
+    corruptions: list[str] | None = None
+    severities: list[int] | None = None
+    args: Args = field(default_factory=dict)
+
+
+@dataclass
+class Pictures:
+    count: int = 4                    # token-label pictures (dump.show) of this many train samples
+
+
+@dataclass
+class Pipeline:
+    name: str
+    runs: str                         # folder of the labeler and student runs
+    dataset: Dataset
+    labeler: Labeler
+    dump: Dump
+    students: list[Student]
+    eval: Eval = field(default_factory=Eval)
+    pictures: Pictures = field(default_factory=Pictures)
+    description: str = ""
+
+
+def build(cls: type, value: Any, where: str) -> Any:
+    """Check `value` against the dataclass or type `cls`, naming the offending key in the error."""
+    if is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise UserError(f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(known)}")
+        for f in fields(cls):
+            if f.name not in value and f.default is MISSING and f.default_factory is MISSING:
+                raise UserError(f"{where}.{f.name}: missing required key")
+        return cls(**{name: build(hints[name], v, f"{where}.{name}") for name, v in value.items()})
+    origin = get_origin(cls)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = get_args(cls)
+        return [build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if get_args(cls) and type(None) in get_args(cls):  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(cls) if a is not type(None)]
+        return build(inner, value, where)
+    if cls is Any:
+        return value
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
+        raise UserError(f"{where}: expected {cls.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_pipelines(path: str | Path) -> dict[str, Pipeline]:
+    """Every pipeline of the file, checked; the key path of any problem is in the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping of pipeline names")
+    return {name: build(Pipeline, {"name": name, **(body or {})}, f"{path.name}:{name}") for name, body in doc.items()}

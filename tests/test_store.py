@@ -1,0 +1,151 @@
+"""The label store on its own: geometry, chunk layout, the read side, refusals and the writer lock (no Ray)."""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from dump.store import (
+    LabelStore,
+    check_matches,
+    chunk_rows,
+    create_store,
+    dataset_attrs,
+    footprint_box,
+    identity_differences,
+    make_footprint,
+    mark_complete,
+    open_store,
+    store_attrs,
+    store_lock,
+)
+from shards.demo import build_demo
+from shards.errors import UserError
+from shards.manifest import Manifest, load_manifest
+from shards.reader import split_keys
+
+K, GRID = 3, (2, 3)
+
+
+def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Valid maps: scores descending along k, k distinct class ids per token."""
+    scores = -np.sort(-rng.normal(size=(n, K, *GRID)), axis=1).astype(np.float16)
+    classes = np.argsort(rng.random((n, num_classes, *GRID)), axis=1)[:, :K].astype(np.int16)
+    return scores, classes
+
+
+def filled_store(path, manifest: Manifest, split: str = "train", seed: int = 0):
+    """A complete store with random valid maps for every key of `split`."""
+    attrs = store_attrs(num_classes=manifest.num_classes, k=K, grid=GRID, footprint=make_footprint(64),
+                        labeler={"model": "test"}, dataset=dataset_attrs(manifest, split), producer={"tool": "test"})
+    group = create_store(path, attrs)
+    n = manifest.count(split)
+    group["scores"][:], group["classes"][:] = random_maps(np.random.default_rng(seed), n, manifest.num_classes)
+    group["keys"][:] = np.array(split_keys(manifest.root, split), dtype=str)
+    group["valid"][:], group["done"][:] = 1, 1
+    mark_complete(group)
+    return group
+
+
+@pytest.fixture
+def store(demo_shards, tmp_path):
+    filled_store(tmp_path / "labels.zarr", load_manifest(demo_shards))
+    return open_store(tmp_path / "labels.zarr")
+
+
+def test_footprint_box_is_the_centred_square_of_the_shorter_side():
+    assert footprint_box(make_footprint(224), 64, 64) == (0, 0, 64, 64)
+    assert footprint_box(make_footprint(224), 100, 60) == (20, 0, 80, 60)
+    assert footprint_box(make_footprint(224), 60, 100) == (0, 20, 60, 80)
+    assert footprint_box(make_footprint(224, crop_pct=0.875), 100, 60) == (23.75, 3.75, 76.25, 56.25)
+    with pytest.raises(UserError, match="crop_pct must be in"):
+        make_footprint(224, crop_pct=1.2)
+
+
+def test_chunks_follow_tar_shard_boundaries(tmp_path):
+    assert chunk_rows([6, 6, 6, 2]) == 6 and chunk_rows([6, 6, 6, 8]) == 6 and chunk_rows([5]) == 5
+    assert chunk_rows([4, 6, 8, 3]) == 2  # uneven shards: the gcd, so each chunk still lies in one tar shard
+    counts = [4, 6, 8, 3]
+    split = {"shards": [{"file": f"train-{i:06d}.tar", "count": c} for i, c in enumerate(counts)],
+             "count": sum(counts), "digest": "sha256:x"}
+    manifest = Manifest(tmp_path, [str(i) for i in range(10)], False, {"train": split})
+    attrs = store_attrs(num_classes=10, k=K, grid=GRID, footprint=make_footprint(64), labeler={},
+                        dataset=dataset_attrs(manifest, "train"), producer={})
+    group = create_store(tmp_path / "uneven.zarr", attrs)
+    assert group["scores"].chunks == (2, K, *GRID) and group["keys"].chunks == (2,)
+    assert group["done"].shape == (4,) and group["done"].chunks == (1,)
+    store = LabelStore(tmp_path / "uneven.zarr")
+    assert [store.shard_rows(i) for i in range(4)] == [(0, 4), (4, 10), (10, 18), (18, 21)]
+    assert np.isnan(store.read_rows(0, 21)[0]).all() and (store.read_rows(0, 21)[1] == -1).all()
+    assert not store.attrs["complete"]
+
+
+class ShardRows(Dataset):
+    """What a DataLoader worker of the student data path does: read one tar shard's rows."""
+
+    def __init__(self, store: LabelStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store.attrs["dataset"]["shards"])
+
+    def __getitem__(self, position: int):
+        scores, classes = self.store.read_rows(*self.store.shard_rows(position))
+        return torch.from_numpy(scores.astype(np.float32)).sum(), torch.from_numpy(classes.astype(np.int64)).sum()
+
+
+def test_read_side_is_lazy_picklable_and_works_in_workers(store):
+    assert store.shard_rows("train-000001.tar") == (6, 12) and store.shard_rows(3) == (18, 20)
+    scores, classes = store.read_rows(6, 12)
+    assert scores.shape == (6, K, *GRID) and scores.dtype == np.float16 and classes.dtype == np.int16
+    copy = pickle.loads(pickle.dumps(store))  # after the group was opened: pickles as its path only
+    assert "group" not in copy.__dict__
+    np.testing.assert_array_equal(copy.read_rows(6, 12)[1], classes)
+    sums = list(DataLoader(ShardRows(pickle.loads(pickle.dumps(store))), batch_size=None, num_workers=2))
+    for position, (score_sum, class_sum) in enumerate(sums):
+        s, c = store.read_rows(*store.shard_rows(position))
+        assert score_sum.item() == pytest.approx(s.astype(np.float32).sum(), rel=1e-6)
+        assert class_sum.item() == c.astype(np.int64).sum()
+    with pytest.raises(UserError, match="no tar shard 'train-000009.tar'"):
+        store.shard_rows("train-000009.tar")
+
+
+def test_check_matches_refuses_stores_that_do_not_fit(store, demo_shards, tmp_path):
+    manifest = load_manifest(demo_shards)
+    check_matches(store, manifest, "train")
+    with pytest.raises(UserError, match=r"labels split 'train', not 'val'"):
+        check_matches(store, manifest, "val")
+    with pytest.raises(UserError, match=r"the store has 10 classes, the shards 11"):
+        check_matches(store, dataclasses.replace(manifest, classes=manifest.classes + ["extra"]), "train")
+    build_demo(tmp_path / "smaller", train=14, val=2, per_shard=6)
+    with pytest.raises(UserError, match=r"made from other shards .*20 keys stored, 14 in the shards, 0 missing "
+                                        r"e\.g\. \[\], 6 extra e\.g\. \[.+, \.\.\.\]"):
+        check_matches(store, load_manifest(tmp_path / "smaller"), "train")
+    zarr.open_group(store.path, mode="r+")["done"][1] = 0
+    with pytest.raises(UserError, match=r"incomplete label store \(3 of 4 shards done\); run the same dump"):
+        check_matches(LabelStore(store.path), manifest, "train")
+
+
+def test_open_store_and_identity_messages(tmp_path, store):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="no label store here"):
+        open_store(tmp_path / "plain")
+    wanted = {**store.attrs, "k": 5, "labeler": {"model": "other"}, "complete": True}
+    assert identity_differences(store.attrs, wanted) == ["k: store has 3, now 5",
+                                                         "labeler.model: store has 'test', now 'other'"]
+
+
+def test_second_writer_is_refused_and_the_lock_is_released(tmp_path):
+    path = tmp_path / "labels.zarr"
+    with store_lock(path):
+        assert path.with_name("labels.zarr.lock").read_text().startswith("pid ")
+        with pytest.raises(UserError, match=r"another dump is writing this store \(pid \d+ on .* since "):
+            with store_lock(path):
+                pass
+    assert not path.with_name("labels.zarr.lock").exists()
+    with store_lock(path):
+        pass

@@ -1,0 +1,222 @@
+"""Label-aware student transforms: every spatial op of a sample becomes one mapping, shared by image and label map.
+
+Train view, in timm's order: RandomResizedCrop, horizontal flip, RandAugment (timm's op choice and magnitudes,
+from a config string such as "rand-m9-mstd0.5-inc1"). The geometric RandAugment ops (Rotate, ShearX/Y,
+TranslateX/Y, TranslateX/YRel) act on the output canvas and are folded into the mapping instead of warping
+pixels; the image is then rendered once from the original with the whole mapping (train.geometry.warp_image),
+and the photometric ops run on that warped image, in their drawn order. Then ToTensor, Normalize and timm's
+RandomErasing, none of which moves a pixel. Two deliberate differences from timm's chain of separate warps:
+rotations and shears turn about the canvas centre (timm shears about the top-left corner, which also shifts
+the image), and where they bring in image content from outside the crop window the real content shows
+(like LV-ViT, whose RandAugment runs before its crop); only points outside the original image get the fill.
+
+Each transform returns (image tensor [3, S, S], mapping float32 [3, 3]); see train.geometry for the mapping's
+convention and train.geometry.resample_maps for turning it into per-token labels in the training step.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+from torchvision.transforms import ColorJitter
+from torchvision.transforms.functional import normalize, to_tensor
+
+from shards.errors import UserError
+from train.geometry import (
+    center_crop_mapping,
+    crop_mapping,
+    hflip_mapping,
+    rotate_mapping,
+    shear_mapping,
+    translate_mapping,
+    warp_image,
+)
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+
+
+@dataclass(frozen=True)
+class _Canvas:
+    """Stands in for the image while RandAugment's geometric ops run: the mapping so far, on an S x S canvas."""
+
+    size: int
+    mapping: np.ndarray
+
+    def then(self, op: np.ndarray) -> "_Canvas":
+        return _Canvas(self.size, self.mapping @ op)
+
+
+def _rotate(canvas: _Canvas, degrees: float, **_) -> _Canvas:
+    return canvas.then(rotate_mapping(degrees, canvas.size))
+
+
+def _shear_x(canvas: _Canvas, factor: float, **_) -> _Canvas:
+    return canvas.then(shear_mapping(factor, 0.0, canvas.size))
+
+
+def _shear_y(canvas: _Canvas, factor: float, **_) -> _Canvas:
+    return canvas.then(shear_mapping(0.0, factor, canvas.size))
+
+
+def _translate_x(canvas: _Canvas, pixels: float, **_) -> _Canvas:
+    return canvas.then(translate_mapping(pixels, 0.0))
+
+
+def _translate_y(canvas: _Canvas, pixels: float, **_) -> _Canvas:
+    return canvas.then(translate_mapping(0.0, pixels))
+
+
+def _translate_x_rel(canvas: _Canvas, pct: float, **_) -> _Canvas:
+    return canvas.then(translate_mapping(pct * canvas.size, 0.0))
+
+
+def _translate_y_rel(canvas: _Canvas, pct: float, **_) -> _Canvas:
+    return canvas.then(translate_mapping(0.0, pct * canvas.size))
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also at 0 bits (black, as Pillow < 13 gave; Pillow 13 raises, and timm's
+    PosterizeIncreasing asks for 0 bits whenever the drawn magnitude reaches 10)."""
+    if bits_to_keep >= 8:
+        return img
+    mask = (0xFF << (8 - max(bits_to_keep, 0))) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+
+# timm RandAugment op name -> the same op acting on the mapping; every other op is photometric
+GEOMETRIC_OPS = {
+    "Rotate": _rotate,
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateX": _translate_x,
+    "TranslateY": _translate_y,
+    "TranslateXRel": _translate_x_rel,
+    "TranslateYRel": _translate_y_rel,
+}
+
+
+def _fill(mean: tuple[float, ...]) -> tuple[int, ...]:
+    """The mean colour as 8-bit RGB, timm's fill for pixels outside the image."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+def _pil_resample(interpolation: str) -> int | tuple[int, int]:
+    """A PIL filter, or the (bilinear, bicubic) pair to choose from per sample for "random"."""
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"interpolation {interpolation!r} is unknown; use one of {INTERPOLATIONS}")
+    if interpolation == "random":
+        return Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
+    return str_to_pil_interp(interpolation)
+
+
+def _label_aware_rand_augment(config: str, img_size: int, fill: tuple[int, ...], interpolation: str):
+    """timm's RandAugment for `config`, with its geometric ops rerouted to act on a _Canvas (and posterize made
+    safe at 0 bits)."""
+    if not config.startswith("rand"):
+        raise UserError(f"auto_augment {config!r}: only RandAugment configs ('rand-...') are label-aware; "
+                        "use e.g. 'rand-m9-mstd0.5-inc1' or none")
+    hparams = {"translate_const": int(img_size * 0.45), "img_mean": fill}
+    if interpolation != "random":
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    try:
+        augment = rand_augment_transform(config, hparams)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise UserError(f"auto_augment {config!r} is not a valid timm RandAugment config ({e!r})") from None
+    for op in augment.ops:
+        if op.name in GEOMETRIC_OPS:
+            op.aug_fn = GEOMETRIC_OPS[op.name]
+        elif op.name in POSTERIZE_OPS:
+            op.aug_fn = posterize
+    return augment
+
+
+class LabelAwareTransform:
+    """Training view of one image: (normalised tensor [3, S, S], mapping float32 [3, 3] output -> original).
+
+    Picklable; per-sample work is drawing parameters, composing 3x3 matrices and one warp of the image.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float | None = 0.4,
+                 interpolation: str = "bicubic", mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD, re_prob: float = 0.25, re_mode: str = "pixel",
+                 re_count: int = 1):
+        self.img_size = img_size
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.resample = _pil_resample(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fill = _fill(self.mean)
+        self.augment = (_label_aware_rand_augment(auto_augment, img_size, self.fill, interpolation)
+                        if auto_augment else None)
+        # as in timm, colour jitter only when RandAugment is off
+        self.color_jitter = ColorJitter(*(color_jitter,) * 3) if color_jitter and not auto_augment else None
+        self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device="cpu") if re_prob > 0 else None
+
+    def sample(self, img: Image.Image) -> tuple[np.ndarray, list]:
+        """Draw the spatial ops as one mapping (float32 [3, 3]) and the photometric RandAugment ops to run after."""
+        top, left, height, width = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
+        canvas = _Canvas(self.img_size, crop_mapping(left, top, width, height, self.img_size))
+        if random.random() < self.hflip:
+            canvas = canvas.then(hflip_mapping(self.img_size))
+        photometric = []
+        if self.augment is not None:
+            augment = self.augment
+            replace = augment.choice_weights is None
+            for op in np.random.choice(augment.ops, augment.num_layers, replace=replace, p=augment.choice_weights):
+                if op.name in GEOMETRIC_OPS:
+                    canvas = op(canvas)
+                else:
+                    photometric.append(op)
+        return canvas.mapping.astype(np.float32), photometric
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        mapping, photometric = self.sample(img)
+        resample = random.choice(self.resample) if isinstance(self.resample, tuple) else self.resample
+        out = warp_image(img, mapping, self.img_size, resample, self.fill)
+        for op in photometric:
+            out = op(out)
+        if self.color_jitter is not None:
+            out = self.color_jitter(out)
+        x = normalize(to_tensor(out), self.mean, self.std)
+        if self.erase is not None:
+            x = self.erase(x)
+        return x, mapping
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"hflip={self.hflip}, augment={self.augment}, color_jitter={self.color_jitter}, "
+                f"erase={self.erase})")
+
+
+class LabelAwareEvalTransform:
+    """Eval view: the centred square of side crop_pct * shorter side at S x S, with its mapping, as
+    (normalised tensor [3, S, S], mapping float32 [3, 3]). crop_pct=1 is the view a labeler's footprint
+    describes (dump.store.footprint_box)."""
+
+    def __init__(self, img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD):
+        if interpolation == "random":
+            raise UserError("interpolation 'random' is for training; use 'bicubic' or 'bilinear' for eval")
+        self.img_size, self.crop_pct = img_size, crop_pct
+        self.resample = _pil_resample(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fill = _fill(self.mean)
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        mapping = center_crop_mapping(img.size, self.img_size, self.crop_pct).astype(np.float32)
+        out = warp_image(img, mapping, self.img_size, self.resample, self.fill)
+        return normalize(to_tensor(out), self.mean, self.std), mapping
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(img_size={self.img_size}, crop_pct={self.crop_pct})"

@@ -1,0 +1,135 @@
+"""The label-aware data path: shards + label store -> batches of images with their stored maps and mappings.
+
+In the DataLoader workers each sample gets its row of the store (joined by its row index, one whole tar-shard
+chunk read per shard) and its augmented image with the one mapping (output pixel -> original image) that its
+spatial transforms compose to. On the training device, `token_label_targets` densifies the stored top-k maps,
+resamples them through each mapping onto the student's token grid and draws the token targets, batched.
+Augmentation is seeded per (seed, epoch, sample row), so a sample looks the same whatever the number of
+workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
+"""
+
+import bisect
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.functional import normalize, to_tensor
+
+from dump.store import LabelStore, check_matches, footprint_box, open_store
+from shards.errors import UserError
+from shards.manifest import MANIFEST, load_manifest
+from shards.reader import ShardReader
+from train.augment import LabelAwareTransform
+from train.geometry import resample_maps, warp_image
+from train.targets import densify, token_targets
+
+
+def resolve_labels(path: str | Path, need_store: bool = True) -> tuple[Path, Path | None]:
+    """(shard folder, label store) from `--labels`: a store `<dataset>/labels/<name>.zarr`, or a dataset folder
+    holding exactly one store (with several, they are listed)."""
+    path = Path(path)
+    if path.suffix == ".zarr" or (path / "zarr.json").is_file():
+        return path.parent.parent, path
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{path}: neither a label store (.zarr) nor a shard folder with {MANIFEST}")
+    stores = sorted((path / "labels").glob("*.zarr"))
+    if not need_store:
+        return path, None
+    if not stores:
+        raise UserError(f"{path}/labels: no label store; run `python -m dump.dump_labels --shards {path} ...` "
+                        "or train with --no-token-labels")
+    if len(stores) > 1:
+        raise UserError(f"{path}/labels holds {len(stores)} stores ({', '.join(s.name for s in stores)}); "
+                        "pass one of them to --labels")
+    return path, stores[0]
+
+
+def seed_sample(*parts: int) -> None:
+    """Seed the global RNGs that timm's and torchvision's transforms draw from, for one sample."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StoreJoin:
+    """Annotate each sample (in shard order) with its stored row; reads one whole tar-shard chunk at a time."""
+
+    def __init__(self, store: LabelStore, offsets: list[int]):
+        self.store, self.offsets = store, offsets
+        self.rows: tuple[int, int] = (0, 0)
+        self.chunk: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        row = sample["index"]
+        start, stop = self.rows
+        if not start <= row < stop:
+            shard = bisect.bisect_right(self.offsets, row) - 1
+            self.rows = self.store.shard_rows(shard)
+            self.chunk = self.store.read_rows(*self.rows)
+        scores, classes = self.chunk
+        sample["scores"], sample["classes"] = scores[row - self.rows[0]], classes[row - self.rows[0]]
+        return sample
+
+
+class StudentSample:
+    """Worker-side transform: augmented image, its mapping, the footprint of its map, and the stored row."""
+
+    def __init__(self, transform: LabelAwareTransform, footprint: dict[str, Any] | None, seed: int,
+                 clean_size: int | None = None):
+        self.transform, self.footprint, self.seed = transform, footprint, seed
+        self.clean_size = clean_size  # online-teacher mode: also the clean view through the same mapping
+        self.epoch = 0
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        seed_sample(self.seed, self.epoch, sample["index"])
+        image, mapping = self.transform(sample["image"])
+        out = {"image": image, "cls": sample["cls"], "index": sample["index"], "mapping": mapping}
+        if self.footprint is not None:
+            out["footprint"] = np.asarray(footprint_box(self.footprint, *sample["image"].size), np.float32)
+            out["scores"], out["classes"] = sample["scores"], sample["classes"]
+        if self.clean_size is not None:
+            out["clean"] = clean_view(sample["image"], mapping, self.transform.img_size, self.clean_size,
+                                      self.transform)
+        return out
+
+
+class StudentData(ShardReader):
+    """Training split of a dataset for a student: shards joined with a label store (or none, for baselines)."""
+
+    def __init__(self, shards: str | Path, store: Path | None, transform: LabelAwareTransform, *, seed: int = 0,
+                 clean_size: int | None = None, split: str = "train", **reader_kwargs):
+        manifest = load_manifest(shards)
+        self.store = None
+        if store is not None:
+            self.store = open_store(store)
+            check_matches(self.store, manifest, split)
+        annotate = StoreJoin(self.store, manifest.offsets(split)) if self.store else None
+        sample = StudentSample(transform, self.store.footprint if self.store else None, seed, clean_size)
+        super().__init__(shards, split, shuffle=True, seed=seed, annotate=annotate, transform=sample,
+                         **reader_kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.transform.epoch = epoch
+
+
+def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_size: int, grid: tuple[int, int], *,
+                        kind: str = "gumbel", tau: float = 1.0, smoothing: float = 0.1, points: int = 2,
+                        generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token targets [B, K, h, w], valid [B, h, w], token distributions [B, K, h, w]) for a batch on device."""
+    probs = densify(batch["scores"], batch["classes"], num_classes)
+    token_probs, valid = resample_maps(probs, batch["mapping"], batch["footprint"], img_size, grid, points)
+    return token_targets(token_probs, kind, tau, smoothing, generator), valid, token_probs
+
+
+def clean_view(image: Image.Image, mapping: np.ndarray, img_size: int, size: int,
+               transform: LabelAwareTransform) -> torch.Tensor:
+    """The image through the same mapping with no photometric op, rendered at `size` (STL's teacher view)."""
+    scale = np.diag([img_size / size, img_size / size, 1.0])
+    view = warp_image(image, mapping @ scale, size, Image.BICUBIC, transform.fill)
+    return normalize(to_tensor(view), transform.mean, transform.std)

@@ -1,0 +1,179 @@
+"""One student training step and epoch: targets from the stored maps (or an online labeler), mixing, TL-Align, loss.
+
+Every random draw of a step (mixing, Gumbel samples, drop-path) is seeded by (seed, epoch, step), and every
+sample's augmentation by (seed, epoch, row), so a run resumed from an epoch checkpoint repeats exactly what the
+uninterrupted run did, and DataLoader workers or ranks do not change what a sample looks like.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.data import token_label_targets
+from train.losses import token_label_loss
+from train.mixing import Mixer, MixInfo, apply_mix, flip_perm, mix_tokens, sample_mixtoken
+from train.targets import class_targets, token_targets
+from train.tl_align import TokenLabelAligner, initial_labels_paper
+
+MIX_MODES = ("none", "cutmix", "mixup", "both", "mixtoken")
+TL_ALIGN_MODES = ("off", "paper", "dense")
+
+
+@dataclass
+class StepConfig:
+    num_classes: int
+    img_size: int
+    grid: tuple[int, int]
+    token_labels: bool = True       # False: the --no-token-labels baseline (class loss only)
+    beta: float = 1.0               # weight of the mean token cross-entropy
+    target: str = "gumbel"          # token targets: gumbel, softmax or argmax
+    tau: float = 1.0                # Gumbel temperature
+    smoothing: float = 0.1
+    map_weight: float = 0.0         # blend of the map's pooled label into the class target (LV-ViT-style)
+    points: int = 2                 # sample points per token side when resampling a map
+    mix: str = "none"
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    tl_align: str = "off"
+    clip_grad: float | None = None
+    seed: int = 0
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, step, 7]).generate_state(1)[0])
+
+
+class TrainForward(nn.Module):
+    """What DDP wraps: the student's dense forward (optionally with a MixToken draw) or its plain forward."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor, dense: bool = True, mix: MixInfo | None = None):
+        return self.student.forward_dense(x, mix) if dense else self.student(x)
+
+
+class StepRunner:
+    """Turns a batch into targets, runs the student, and takes one optimizer step."""
+
+    def __init__(self, cfg: StepConfig, student: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, *, module: nn.Module | None = None, labeler: nn.Module | None = None,
+                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None):
+        self.cfg, self.student, self.optimizer, self.device = cfg, student, optimizer, device
+        self.module = module or TrainForward(student)  # DDP(TrainForward(student)) when distributed
+        self.labeler, self.amp_dtype, self.scaler = labeler, amp_dtype, scaler
+        self.mixer = None
+        if cfg.mix in ("cutmix", "mixup", "both"):
+            self.mixer = Mixer(cfg.grid, cfg.mixup_alpha if cfg.mix in ("mixup", "both") else 0.0,
+                               cfg.cutmix_alpha if cfg.mix in ("cutmix", "both") else 0.0, cfg.mix_prob,
+                               cfg.switch_prob)
+        self.aligner = TokenLabelAligner(student) if cfg.tl_align != "off" else None
+
+    def targets(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(class targets [B, K], token targets [B, K, h, w] or None, valid [B, h, w] or None), unmixed."""
+        c = self.cfg
+        tokens = valid = probs = None
+        if c.token_labels and self.labeler is not None:
+            tokens, valid, probs = self.online_targets(batch["clean"], generator)
+        elif c.token_labels:
+            tokens, valid, probs = token_label_targets(batch, c.num_classes, c.img_size, c.grid, kind=c.target,
+                                                       tau=c.tau, smoothing=c.smoothing, points=c.points,
+                                                       generator=generator)
+        cls = class_targets(batch["cls"], c.num_classes, c.smoothing, probs, valid, c.map_weight)
+        return cls.to(self.device), tokens, valid
+
+    @torch.no_grad()
+    def online_targets(self, clean: torch.Tensor, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """STL's online teacher: the labeler on the clean, spatially aligned view, inside the step."""
+        c = self.cfg
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            _, token_logits, grid = self.labeler.forward_dense(clean)
+        probs = token_logits.float().softmax(-1).transpose(1, 2).unflatten(2, grid)  # [B, K, h', w']
+        if tuple(grid) != tuple(c.grid):
+            probs = F.interpolate(probs, size=c.grid, mode="area")
+        valid = torch.ones(probs.shape[0], *c.grid, dtype=torch.bool, device=probs.device)
+        return token_targets(probs, c.target, c.tau, c.smoothing, generator), valid, probs
+
+    def draw_mix(self, batch_size: int, rng: np.random.Generator) -> MixInfo:
+        c = self.cfg
+        if c.mix == "mixtoken":
+            return sample_mixtoken(batch_size, c.grid, c.cutmix_alpha, rng)
+        if self.mixer is not None:
+            self.mixer.rng = rng
+            return self.mixer.sample(batch_size)
+        return MixInfo("none", 1.0, None, flip_perm(batch_size), c.grid)
+
+    def step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
+        """One optimizer step on `batch` (tensors on any device); returns the loss parts."""
+        c = self.cfg
+        seed = step_seed(c.seed, epoch, step)
+        torch.manual_seed(seed)  # drop-path and anything else drawing from torch's global RNG
+        generator = torch.Generator(self.device).manual_seed(seed)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        cls_t, tok_t, valid = self.targets(batch, generator)
+        info = self.draw_mix(batch["image"].shape[0], np.random.default_rng(seed))
+        images, cls_t, tok_t, valid = apply_mix(info, batch["image"], cls_t, tok_t, valid)
+        if tok_t is not None:  # [B, K, h, w] -> [B, N, K] and [B, N], tokens row-major like the logits
+            tok_t, valid = tok_t.flatten(2).transpose(1, 2), valid.flatten(1)
+        self.module.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            cls_logits, token_logits, aligned = self.forward(images, batch["cls"], cls_t, tok_t, info)
+        if aligned is not None:
+            cls_t = aligned.cls
+            tok_t = aligned.tokens if c.tl_align == "dense" and tok_t is not None else tok_t
+        loss, parts = token_label_loss(cls_logits.float(), cls_t,
+                                       None if token_logits is None else token_logits.float(), tok_t, valid, c.beta)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if c.clip_grad:
+            nn.utils.clip_grad_norm_(self.student.parameters(), c.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in parts.items()}}
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, cls_t: torch.Tensor, tok_t: torch.Tensor | None,
+                info: MixInfo):
+        """(class logits, token logits or None, aligned labels or None) of the student on the mixed batch."""
+        c = self.cfg
+        mix = info if info.mode == "mixtoken" else None
+        if not c.token_labels and self.aligner is None:
+            return self.module(images, dense=False), None, None
+        if self.aligner is None:
+            cls_logits, token_logits, _ = self.module(images, mix=mix)
+            return cls_logits, token_logits, None
+        y_cls, y_tokens = self.initial_labels(labels, cls_t, tok_t, info)
+        if mix is not None:  # the labels travel with the mixed tokens, then are un-mixed like the token logits
+            y_tokens = mix_tokens(y_tokens, info)
+        with self.aligner.align(y_cls, y_tokens) as aligned:
+            cls_logits, token_logits, _ = self.module(images, mix=mix)
+        if mix is not None:
+            aligned.tokens = mix_tokens(aligned.tokens, info)
+        return cls_logits, token_logits if c.token_labels else None, aligned
+
+    def initial_labels(self, labels: torch.Tensor, cls_t: torch.Tensor, tok_t: torch.Tensor | None,
+                       info: MixInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """TL-Align's starting labels: the dense (mixed) token maps, or the paper's source-image labels."""
+        c = self.cfg
+        if c.tl_align == "dense" and tok_t is not None:
+            return cls_t, tok_t
+        source = info.source().flatten(1).to(cls_t.device)  # [B, N] batch index of each token's content
+        return initial_labels_paper(source, class_targets(labels, c.num_classes, c.smoothing).to(cls_t.device), cls_t)

@@ -1,0 +1,160 @@
+"""Batch mixing that keeps token labels right: CutMix on the token grid, Mixup, and MixToken boxes.
+
+One draw per batch; each sample's partner is the batch flipped along dim 0 (as timm and LV-ViT do).
+- cutmix: a box of whole tokens is pasted from the partner into the pixels (box x patch size), the token
+  targets and the validity mask alike; the class target is weighted by the exact share of tokens from each
+  image. (STL leaves token labels unmixed under CutMix; LV-ViT blends whole maps regardless of the box.)
+- mixup: pixels, token targets and class targets are blended with one lam; a token stays valid only where
+  both images' tokens are.
+- mixtoken (LV-ViT): the model pastes the box into its patch tokens after the patch embedding and pastes it
+  back into its token outputs (`mix_tokens` both times), so token targets stay as they are and only the class
+  target mixes.
+Boxes are (top, bottom, left, right) in tokens, half-open. `MixInfo` records the draw for the trainer and
+TL-Align (`MixInfo.source` gives which sample each token's content comes from).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shards.errors import UserError
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MixInfo:
+    """What one batch went through: mode ("none", "mixup", "cutmix" or "mixtoken"), lam (the weight of each
+    sample's own content; for box modes exactly 1 - box tokens / all tokens), box (token units, or None),
+    perm ([B], the partner of each sample) and the token grid (h, w) the box lives on."""
+
+    mode: str
+    lam: float
+    box: Box | None
+    perm: torch.Tensor
+    grid: tuple[int, int]
+
+    def source(self) -> torch.Tensor:
+        """[B, h, w] long: the batch index whose content each token shows (its partner's inside the box)."""
+        batch = len(self.perm)
+        src = torch.arange(batch)[:, None, None].expand(batch, *self.grid).clone()
+        if self.box is not None:
+            top, bottom, left, right = self.box
+            src[:, top:bottom, left:right] = self.perm[:, None, None]
+        return src
+
+
+def flip_perm(batch: int) -> torch.Tensor:
+    """Partner indices of the batch flipped along dim 0."""
+    return torch.arange(batch - 1, -1, -1)
+
+
+def token_box(grid: tuple[int, int], lam: float, rng: np.random.Generator) -> tuple[Box, float]:
+    """A box of whole tokens covering about 1 - lam of the grid (sides scaled by sqrt(1 - lam), centre uniform,
+    clipped to the grid), and the exact lam it leaves: 1 - box tokens / all tokens."""
+    h, w = grid
+    ratio = np.sqrt(1.0 - lam)
+    cut_h, cut_w = int(round(h * ratio)), int(round(w * ratio))
+    top, left = int(rng.integers(h)) - cut_h // 2, int(rng.integers(w)) - cut_w // 2
+    top, bottom = max(top, 0), min(top + cut_h, h)
+    left, right = max(left, 0), min(left + cut_w, w)
+    return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / (h * w)
+
+
+def sample_mixtoken(batch: int, grid: tuple[int, int], alpha: float = 1.0,
+                    rng: np.random.Generator | None = None) -> MixInfo:
+    """A MixToken draw: lam ~ Beta(alpha, alpha), a token box from it, the flipped-batch partner."""
+    rng = rng or np.random.default_rng()
+    box, lam = token_box(grid, float(rng.beta(alpha, alpha)), rng)
+    return MixInfo("mixtoken", lam, box, flip_perm(batch), tuple(grid))
+
+
+def mix_tokens(x: torch.Tensor, info: MixInfo, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Paste the box of each sample's partner into its patch tokens; x is [B, prefix + h*w, C], row-major tokens.
+
+    Prefix (class/distillation) tokens are left alone. Self-inverse: the same call un-mixes token outputs.
+    """
+    if info.box is None:
+        return x
+    patches = x[:, num_prefix_tokens:].unflatten(1, info.grid).movedim(-1, 1)
+    mixed = _paste(patches, info.perm, info.box).movedim(1, -1).flatten(1, 2)
+    return torch.cat([x[:, :num_prefix_tokens], mixed], dim=1)
+
+
+def _paste(x: torch.Tensor, perm: torch.Tensor, box: Box, scale: int = 1) -> torch.Tensor:
+    """A copy of x [B, ..., H, W] with each sample's box (scaled by `scale`) taken from its partner."""
+    top, bottom, left, right = (v * scale for v in box)
+    out = x.clone()
+    out[..., top:bottom, left:right] = x[..., top:bottom, left:right][perm.to(x.device)]
+    return out
+
+
+def _blend(x: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
+    return x * lam + x[perm.to(x.device)] * (1 - lam)
+
+
+def _patch_size(image_hw: tuple[int, int], grid: tuple[int, int]) -> int:
+    """Pixels per token side; the image must tile the token grid exactly in square patches."""
+    (sh, sw), (h, w) = image_hw, grid
+    if sh % h or sw % w or sh // h != sw // w:
+        raise UserError(f"images of {sh}x{sw} pixels do not split into a {h}x{w} token grid of square patches; "
+                        "use an input size that is a multiple of the patch size")
+    return sh // h
+
+
+def apply_mix(info: MixInfo, images: torch.Tensor, class_targets: torch.Tensor,
+              token_targets: torch.Tensor | None = None, valid: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(images, class_targets, token_targets, valid) as mixed by `info`; the inputs are not modified.
+
+    images [B, C, S, S] (S a multiple of the grid), class_targets [B, K], token_targets [B, K, h, w] (already
+    drawn and smoothed: mixing is linear), valid [B, h, w]. For "mixtoken" only the class targets change.
+    """
+    if info.mode == "none":
+        return images, class_targets, token_targets, valid
+    perm = info.perm
+    class_targets = _blend(class_targets, perm, info.lam)
+    if info.mode == "mixup":
+        images = _blend(images, perm, info.lam)
+        token_targets = None if token_targets is None else _blend(token_targets, perm, info.lam)
+        valid = None if valid is None else valid & valid[perm.to(valid.device)]
+    elif info.mode == "cutmix":
+        images = _paste(images, perm, info.box, _patch_size(images.shape[-2:], info.grid))
+        token_targets = None if token_targets is None else _paste(token_targets, perm, info.box)
+        valid = None if valid is None else _paste(valid, perm, info.box)
+    return images, class_targets, token_targets, valid
+
+
+class Mixer:
+    """Per-batch Mixup or CutMix with timm's switching, mixing token targets with the same box or weight.
+
+    With probability `prob` a batch is mixed: by CutMix with probability `switch_prob` when both alphas are
+    > 0, else by whichever is on; lam ~ Beta(alpha, alpha). Seedable through `seed`.
+    """
+
+    def __init__(self, grid: tuple[int, int], mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 prob: float = 1.0, switch_prob: float = 0.5, seed: int | None = None):
+        self.grid = tuple(grid)
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.prob, self.switch_prob = prob, switch_prob
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> MixInfo:
+        """Draw this batch's mode, lam and box."""
+        perm = flip_perm(batch)
+        on = self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        if not on or self.rng.random() >= self.prob:
+            return MixInfo("none", 1.0, None, perm, self.grid)
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or self.rng.random() < self.switch_prob)
+        if use_cutmix:
+            box, lam = token_box(self.grid, float(self.rng.beta(self.cutmix_alpha, self.cutmix_alpha)), self.rng)
+            return MixInfo("cutmix", lam, box, perm, self.grid)
+        return MixInfo("mixup", float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)), None, perm, self.grid)
+
+    def __call__(self, images: torch.Tensor, class_targets: torch.Tensor, token_targets: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, MixInfo]:
+        """Sample and apply: (images, class_targets, token_targets, valid, info)."""
+        info = self.sample(images.shape[0])
+        return *apply_mix(info, images, class_targets, token_targets, valid), info

@@ -1,0 +1,281 @@
+"""Train a student from offline token labels: `python -m train.student --labels STORE --model MODEL --epochs E --out DIR`.
+
+Loss = class cross-entropy + beta x mean token cross-entropy against the stored labeler maps, re-applied through
+each sample's recorded spatial transforms. `--no-token-labels` trains the same student on image labels only,
+everything else equal. `--online-labeler CKPT` runs a labeler inside the loop instead (STL's design), to measure
+what the offline store saves. Writes DIR/last.pt each epoch (resumable exactly), DIR/metrics.jsonl (one JSON
+object per epoch) and, at the end, DIR/eval.json (train.eval on the val split). Runs under torchrun for DDP.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from labeler.checkpoint import load_labeler, read_checkpoint, save_checkpoint
+from labeler.train import check_resumable, resume_point, rewrite_metrics
+from shards.errors import UserError, cli
+from shards.manifest import load_manifest
+from shards.reader import ShardReader
+from train.augment import LabelAwareTransform
+from train.data import StudentData, resolve_labels
+from train.engine import MIX_MODES, TL_ALIGN_MODES, StepConfig, StepRunner, TrainForward
+from train.eval import CORRUPTIONS, EVAL_JSON, EvalTransform, evaluate, run_split
+from train.students import build_student
+from train.targets import TOKEN_TARGET_KINDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--labels", type=Path, required=True, help="a label store <dataset>/labels/NAME.zarr, or a dataset folder "
+                                                  "holding exactly one (with --no-token-labels: any dataset folder)")
+    a("--model", required=True, help="timm vit_*/deit_*/volo_* or a FAN model (fan_demo_tiny_p8, ...)")
+    a("--epochs", type=int, required=True)
+    a("--out", type=Path, required=True, help="run folder: last.pt, metrics.jsonl, eval.json")
+    a("--no-token-labels", action="store_true", help="baseline: class loss only, everything else equal")
+    a("--online-labeler", type=Path, help="labeler checkpoint run inside the loop (STL's online teacher)")
+    a("--img-size", type=int, help="input side (default: the store's labeler input, else 224)")
+    a("--patch-size", type=int, help="ViT/DeiT patch size override")
+    a("--batch-size", type=int, default=64, help="per process")
+    a("--lr", type=float, default=1e-3)
+    a("--min-lr", type=float, default=1e-5)
+    a("--warmup-lr", type=float, default=1e-6)
+    a("--warmup-epochs", type=float, default=1)
+    a("--weight-decay", type=float, default=0.05)
+    a("--drop-path", type=float, default=0.1)
+    a("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment config, or 'none'")
+    a("--reprob", type=float, default=0.25, help="random-erasing probability (image only)")
+    a("--crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
+    a("--hflip", type=float, default=0.5)
+    a("--beta", type=float, default=1.0, help="weight of the mean token cross-entropy")
+    a("--target", choices=TOKEN_TARGET_KINDS, default="gumbel", help="token targets from the stored maps")
+    a("--tau", type=float, default=1.0, help="Gumbel-softmax temperature")
+    a("--smoothing", type=float, default=0.1)
+    a("--map-weight", type=float, default=0.0, help="blend of the map's pooled label into the class target")
+    a("--points", type=int, default=2, help="sample points per token side when resampling the stored map")
+    a("--mix", choices=MIX_MODES, default="none", help="batch mixing; mixtoken mixes after patch embedding")
+    a("--mixup-alpha", type=float, default=0.8)
+    a("--cutmix-alpha", type=float, default=1.0, help="also MixToken's Beta(alpha, alpha)")
+    a("--mix-prob", type=float, default=1.0)
+    a("--switch-prob", type=float, default=0.5, help="with --mix both: share of CutMix batches")
+    a("--tl-align", choices=TL_ALIGN_MODES, default="off",
+      help="TL-Align: paper (source-image labels, class target) or dense (the token maps, both targets)")
+    a("--ema-decay", type=float, default=0.998)
+    a("--clip-grad", type=float, help="max gradient norm (off by default)")
+    a("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="auto: bf16/fp16 on CUDA, off on CPU")
+    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=2, help="DataLoader worker processes")
+    a("--device", help="default: cuda when available, else cpu")
+    a("--resume", type=Path, help="checkpoint to resume from (default: OUT/last.pt when it exists)")
+    a("--stop-after", type=int, help="stop after this many epochs in total (resumable)")
+    a("--final-corruptions", nargs="*", default=list(CORRUPTIONS),
+      help="corruptions of the final evaluation (none: clean only)")
+    a("--max-steps", type=int, help="cap on steps per epoch (smoke tests and benchmarks)")
+    return p
+
+
+def setup_distributed(device_arg: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun initialises the process group (NCCL on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if device_arg:
+        return torch.device(device_arg), rank, world
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def amp_setup(mode: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None, None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler(device.type)
+
+
+def steps_per_epoch(data: ShardReader, batch_size: int, world: int, cap: int | None) -> int:
+    """The same step count on every rank: the smallest rank's full batches (ranks hold different shards)."""
+    counts = [len(ShardReader(data.manifest.root, data.split, shuffle=True, seed=data.seed, rank=r, world_size=world))
+              if world > 1 else len(data) for r in range(world)]
+    steps = min(counts) // batch_size
+    if steps == 0:
+        raise UserError(f"{data.manifest.root}: a rank holds {min(counts)} training images, fewer than "
+                        f"--batch-size {batch_size}; lower it")
+    return min(steps, cap) if cap else steps
+
+
+class Run:
+    """A student's training run: model, data, optimiser, schedule, EMA, checkpoints and metrics."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = a = args
+        self.device, self.rank, self.world = setup_distributed(a.device)
+        token_labels = not a.no_token_labels
+        self.shards, store = resolve_labels(a.labels, need_store=token_labels and a.online_labeler is None)
+        manifest = load_manifest(self.shards)
+        self.num_classes = manifest.num_classes
+        self.labeler = None
+        if a.online_labeler is not None:
+            self.labeler, meta = load_labeler(a.online_labeler, self.device)
+            if meta["num_classes"] != self.num_classes:
+                raise UserError(f"{a.online_labeler}: labeler has {meta['num_classes']} classes, the shards "
+                                f"{self.num_classes}")
+            store = None
+        self.store_path = store
+        store_input = None
+        if store is not None:
+            from dump.store import open_store
+
+            store_input = open_store(store).footprint.get("input_size")
+        self.img_size = a.img_size or store_input or 224
+        self.model_kwargs = {"drop_path_rate": a.drop_path}
+        if a.patch_size:
+            self.model_kwargs["patch_size"] = a.patch_size
+        torch.manual_seed(a.seed)
+        self.student = build_student(a.model, self.num_classes, self.img_size, **self.model_kwargs).to(self.device)
+        self.grid = self.student.grid()
+        transform = LabelAwareTransform(self.img_size, scale=(a.crop_scale, 1.0), hflip=a.hflip,
+                                        auto_augment=None if a.aa == "none" else a.aa, re_prob=a.reprob,
+                                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        self.train_data = StudentData(self.shards, store if token_labels else None, transform, seed=a.seed,
+                                      clean_size=self.img_size if self.labeler is not None else None)
+        self.val_data = ShardReader(self.shards, "val", transform=EvalTransform(self.img_size))
+        self.steps = steps_per_epoch(self.train_data, a.batch_size, self.world, a.max_steps)
+        self.optimizer = create_optimizer_v2(self.student, opt="adamw", lr=a.lr, weight_decay=a.weight_decay)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched="cosine", num_epochs=a.epochs,
+                                                warmup_epochs=a.warmup_epochs, warmup_lr=a.warmup_lr,
+                                                min_lr=a.min_lr, step_on_epochs=False,
+                                                updates_per_epoch=self.steps)
+        self.ema = ModelEmaV3(self.student, decay=a.ema_decay, use_warmup=True, warmup_power=3 / 4)
+        module = TrainForward(self.student)
+        if self.world > 1:
+            module = DistributedDataParallel(module, find_unused_parameters=not token_labels)
+        amp_dtype, scaler = amp_setup(a.amp, self.device)
+        cfg = StepConfig(num_classes=self.num_classes, img_size=self.img_size, grid=self.grid,
+                         token_labels=token_labels, beta=a.beta, target=a.target, tau=a.tau, smoothing=a.smoothing,
+                         map_weight=a.map_weight, points=a.points, mix=a.mix, mixup_alpha=a.mixup_alpha,
+                         cutmix_alpha=a.cutmix_alpha, mix_prob=a.mix_prob, switch_prob=a.switch_prob,
+                         tl_align=a.tl_align, clip_grad=a.clip_grad, seed=a.seed)
+        self.runner = StepRunner(cfg, self.student, self.optimizer, self.device, module=module,
+                                 labeler=self.labeler, amp_dtype=amp_dtype, scaler=scaler)
+        self.epoch = self.step = 0
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    def resume(self) -> None:
+        a = self.args
+        a.out.mkdir(parents=True, exist_ok=True)
+        path = resume_point(a)
+        if path is None:
+            return
+        ckpt = read_checkpoint(path)
+        check_resumable(ckpt, path, a, self.num_classes, self.img_size)
+        state = ckpt["train_state"]
+        self.student.load_state_dict(ckpt["state_dict"])
+        self.ema.module.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        if self.main_process:
+            rewrite_metrics(a.out / "metrics.jsonl", self.epoch)
+            print(f"resumed from {path} after epoch {self.epoch}", file=sys.stderr)
+
+    def loader(self, data: ShardReader, train: bool) -> DataLoader:
+        return DataLoader(data, batch_size=self.args.batch_size, num_workers=self.args.workers, drop_last=train,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def train_epoch(self) -> dict[str, float]:
+        a = self.args
+        self.train_data.set_epoch(self.epoch)
+        sums: dict[str, float] = {}
+        started, seen = time.time(), 0
+        bar = tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}/{a.epochs}", leave=False,
+                   disable=None if self.main_process else True)
+        for i, batch in enumerate(self.loader(self.train_data, train=True)):
+            if i == self.steps:
+                break
+            parts = self.runner.step(batch, self.epoch, self.step)
+            self.step += 1
+            self.scheduler.step_update(num_updates=self.step)
+            self.ema.update(self.student, step=self.step)
+            seen += len(batch["cls"])
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update()
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        bar.close()
+        seconds = time.time() - started
+        return {f"train_{k}": v / self.steps for k, v in sums.items()} | {
+            "train_time": seconds, "train_samples_per_s": seen * self.world / seconds}
+
+    def save(self) -> None:
+        a = self.args
+        state = {"epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
+        save_checkpoint(a.out / "last.pt", model_name=a.model, num_classes=self.num_classes, img_size=self.img_size,
+                        model=self.student, ema=self.ema.module, train_state=state, model_kwargs=self.model_kwargs,
+                        kind="student")
+
+    def run(self) -> None:
+        a = self.args
+        self.resume()
+        stop = min(a.epochs, a.stop_after or a.epochs)
+        while self.epoch < stop:
+            record = self.train_epoch()
+            self.epoch += 1
+            if self.main_process:
+                metrics = run_split(self.ema.module, self.val_data, self.device, a.batch_size, a.workers, "eval")
+                record = {"epoch": self.epoch, **metrics, **record, "lr": self.optimizer.param_groups[0]["lr"],
+                          "time": record["train_time"]}
+                with open(a.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.save()
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
+            if self.world > 1:
+                dist.barrier()
+        if self.main_process and self.epoch == a.epochs:
+            results = evaluate(self.ema.module, self.shards, self.img_size, device=str(self.device),
+                               batch_size=a.batch_size, workers=a.workers,
+                               corruptions=tuple(a.final_corruptions))
+            results["checkpoint"] = str(a.out / "last.pt")
+            (a.out / EVAL_JSON).write_text(json.dumps(results, indent=1) + "\n")
+            print(f"{a.out / EVAL_JSON}: top1 {results['top1']:.2f}, top1_combined {results['top1_combined']:.2f}"
+                  + (f", corrupt_acc {results['corrupt_acc']:.2f}" if "corrupt_acc" in results else ""), flush=True)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.online_labeler is not None and args.no_token_labels:
+        raise UserError("--online-labeler and --no-token-labels exclude each other")
+    try:
+        Run(args).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

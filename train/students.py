@@ -1,0 +1,215 @@
+"""Student models for token-label training: timm ViT/DeiT, timm VOLO and FAN, each with a dense per-token head and MixToken.
+
+Supported families (the timm class decides, not the name):
+- ViT/DeiT: any timm `VisionTransformer` (`vit_*`, `deit_*`, `deit3_*`, hybrids). A new Linear head maps every patch
+  token of `forward_features` (prefix tokens dropped, then `fc_norm`, which is the identity unless the model pools
+  with `global_pool="avg"`) to K logits. `patch_size` and `img_size` may be overridden, e.g.
+  `build_student("vit_tiny_patch16_224", 10, 64, patch_size=8)`.
+- VOLO: timm `VOLO` (`volo_d1_224`, ...). Its own `aux_head` is the dense head and `head` gives the class logits
+  (timm's `forward_train` returns the normed class feature in training and a broken sum in eval, so it is not used).
+  Tokens sit on the stride-16 grid; the patch embedding is on the stride-8 grid, where MixToken boxes are doubled.
+- FAN (labeler/fan.py) and any model with `forward_dense(x) -> (cls_logits, token_logits, grid)` and a `patch_embed`
+  returning tokens [B, N, C] (or `(tokens, grid)`) on the token grid.
+
+`Student.forward` is the timm model's own forward (for VOLO that already adds 0.5 x the token max). MixToken (LV-ViT)
+mixes the patch-embedding output inside a box given in token units (a train.mixing.MixInfo; the partner is the batch
+flipped along dim 0) and un-mixes the token logits with the same box, so token i of sample b always predicts sample
+b's label at i.
+"""
+
+import copy
+import difflib
+from dataclasses import replace
+from functools import partial
+
+import timm
+import torch
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.volo import VOLO
+from torch import nn
+
+import labeler.fan  # noqa: F401  (registers the FAN models with timm)
+from shards.errors import UserError
+from train.mixing import MixInfo, mix_tokens
+
+FAMILIES = "timm ViT/DeiT (VisionTransformer), timm VOLO, FAN (labeler.fan) or any model with forward_dense"
+
+
+def _on_grid(info: MixInfo, embed_grid: tuple[int, int]) -> MixInfo:
+    """The token-grid MixToken draw moved onto a patch-embedding grid that is an integer multiple of it."""
+    (h, w), (H, W) = info.grid, embed_grid
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"patch-embedding grid {embed_grid} is not a square multiple of the token grid {info.grid}")
+    return replace(info, box=tuple(v * (H // h) for v in info.box), grid=(H, W))
+
+
+def _mix_embedding(x: torch.Tensor, layout: str, info: MixInfo) -> torch.Tensor:
+    """MixToken on a patch-embedding output in layout NLC, NHWC or NCHW."""
+    if layout == "NCHW":
+        return _mix_embedding(x.permute(0, 2, 3, 1), "NHWC", info).permute(0, 3, 1, 2)
+    if layout == "NHWC":
+        return mix_tokens(x.flatten(1, 2), _on_grid(info, x.shape[1:3])).unflatten(1, x.shape[1:3])
+    h, w = info.grid
+    scale = round((x.shape[1] / (h * w)) ** 0.5)
+    if x.shape[1] != h * w * scale**2:
+        raise ValueError(f"{x.shape[1]} patch-embedding tokens do not tile the token grid {info.grid}")
+    return mix_tokens(x, _on_grid(info, (h * scale, w * scale)))
+
+
+def _mix_hook(module: nn.Module, args: tuple, output, layout: str, info: MixInfo):
+    if isinstance(output, tuple):  # FAN-style (tokens, (H, W))
+        return (_mix_embedding(output[0], layout, info), *output[1:])
+    return _mix_embedding(output, layout, info)
+
+
+class Student(nn.Module):
+    """A timm classifier plus what token-label training needs: dense logits, MixToken and the token grid.
+
+    Subclasses set `stride` (pixels per token, (sh, sw)), `embed_layout` (patch_embed output layout) and `_dense`.
+    """
+
+    family: str
+    embed_layout: str
+    stride: tuple[int, int]
+
+    def __init__(self, model: nn.Module, img_size: int | tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, K], exactly the timm model's forward."""
+        return self.model(x)
+
+    def grid(self, img_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """Token grid (h, w) for an input of img_size (default: the size the student was built for)."""
+        H, W = to_2tuple(img_size) if img_size is not None else self.img_size
+        sh, sw = self.stride
+        if H % sh or W % sw:
+            raise UserError(f"img_size {H}x{W} is not a multiple of the {self.family} student's stride {sh}x{sw}; "
+                            f"pick a size divisible by it")
+        return H // sh, W // sw
+
+    def forward_dense(self, x: torch.Tensor, mix: MixInfo | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(class logits [B, K], token logits [B, h*w, K] row-major, (h, w)).
+
+        With a "mixtoken" `mix` (train.mixing.sample_mixtoken): inside mix.box the patch embedding of each sample
+        is its partner's (mix.perm), and the token logits are pasted back, so they line up with each sample's own
+        token labels; only the class target mixes (train.mixing.apply_mix).
+        """
+        grid = self.grid(tuple(x.shape[-2:]))
+        if mix is None or mix.box is None:
+            cls, tokens = self._dense(x)
+            return cls, tokens, grid
+        if mix.mode != "mixtoken" or tuple(mix.grid) != grid:
+            raise ValueError(f"forward_dense mixes tokens only for a mixtoken draw on the grid {grid}, "
+                             f"got {mix.mode} on {mix.grid}")
+        hook = partial(_mix_hook, layout=self.embed_layout, info=mix)
+        handle = self.model.patch_embed.register_forward_hook(hook)
+        try:
+            cls, tokens = self._dense(x)
+        finally:
+            handle.remove()
+        return cls, mix_tokens(tokens, mix), grid
+
+    def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class VitStudent(Student):
+    """timm VisionTransformer with a new Linear dense head on its patch tokens."""
+
+    family = "ViT"
+
+    def __init__(self, model: VisionTransformer, img_size: int | tuple[int, int]):
+        super().__init__(model, img_size)
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise UserError("patch_drop_rate > 0 drops tokens, so token labels cannot line up; leave it at 0")
+        pe = model.patch_embed
+        self.stride = tuple(pe.feat_ratio(as_scalar=False))
+        self.embed_layout = "NLC" if pe.flatten else pe.output_fmt.value
+        self.dense_head = nn.Linear(model.num_features, model.num_classes)
+        trunc_normal_(self.dense_head.weight, std=0.02)
+        nn.init.zeros_(self.dense_head.bias)
+
+    def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_features(x)
+        tokens = self.model.fc_norm(feats[:, self.model.num_prefix_tokens:])
+        return self.model.forward_head(feats), self.dense_head(tokens)
+
+
+class VoloStudent(Student):
+    """timm VOLO: class logits from `head` on the class token, token logits from its `aux_head`."""
+
+    family = "VOLO"
+    embed_layout = "NCHW"
+
+    def __init__(self, model: VOLO, img_size: int | tuple[int, int]):
+        super().__init__(model, img_size)
+        if model.aux_head is None or model.post_network is None or model.global_pool != "token":
+            raise UserError("VOLO students need use_aux_head=True, class-attention post layers and global_pool='token'"
+                            "; drop those overrides")
+        reduction = model.feature_info[-1]["reduction"]
+        self.stride = (reduction, reduction)
+
+    def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.head_drop(self.model.forward_features(x))
+        return self.model.head(feats[:, 0]), self.model.aux_head(feats[:, 1:])
+
+
+class DenseStudent(Student):
+    """A model with its own `forward_dense` (FAN): one token per patch-embedding position, tokens [B, N, C]."""
+
+    family = "FAN"
+    embed_layout = "NLC"
+
+    def __init__(self, model: nn.Module, img_size: int | tuple[int, int]):
+        super().__init__(model, img_size)
+        if not isinstance(getattr(model, "patch_embed", None), nn.Module):
+            raise UserError(f"{type(model).__name__} has forward_dense but no patch_embed module; "
+                            f"students need one for MixToken and the token grid")
+        self.stride = _embed_stride(model.patch_embed, self.img_size)
+
+    def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, tokens, _ = self.model.forward_dense(x)
+        return cls, tokens
+
+
+def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
+    """Pixels per token of a [B, N, C] / (tokens, (H, W)) patch embedding, from a shape-only run on the meta device."""
+    probe = copy.deepcopy(patch_embed).to("meta")
+    in_chans = next(m for m in probe.modules() if isinstance(m, nn.Conv2d)).in_channels
+    out = probe(torch.empty(1, in_chans, *img_size, device="meta"))
+    if not isinstance(out, tuple):
+        raise UserError(f"{type(patch_embed).__name__} returns no grid; dense students need (tokens, (H, W))")
+    H, W = out[1]
+    return img_size[0] // H, img_size[1] // W
+
+
+def build_student(name: str, num_classes: int, img_size: int | tuple[int, int], **kwargs) -> Student:
+    """Create timm model `name` for num_classes and img_size (kwargs such as drop_path_rate, patch_size go to timm)."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        close = close or timm.list_models(f"{name.split('_')[0]}*")[:5]
+        raise UserError(f"unknown model '{name}'; close names: {', '.join(close) or 'none'} "
+                        f"(students: {FAMILIES})")
+    if num_classes < 1:
+        raise UserError(f"num_classes is {num_classes}; a student needs at least one class")
+    try:
+        model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    except TypeError as e:
+        opts = ", ".join(f"{k}={v}" for k, v in {"img_size": img_size, **kwargs}.items())
+        raise UserError(f"model '{name}' cannot be built with {opts} ({e}); students: {FAMILIES}") from e
+    if isinstance(model, VisionTransformer):
+        student = VitStudent(model, img_size)
+    elif isinstance(model, VOLO):
+        student = VoloStudent(model, img_size)
+    elif callable(getattr(model, "forward_dense", None)):
+        student = DenseStudent(model, img_size)
+    else:
+        raise UserError(f"model '{name}' is a {type(model).__name__}, not a supported student; use {FAMILIES}")
+    student.grid()
+    return student
