@@ -3,15 +3,18 @@
     python benchmarks/bench_dump.py [--images 512 --batch-size 64 --threads 1 --checkpoint last.pt]
 
 For each input size (64: the demo's 8x8 grid; 144: an 18x18 grid, the shape of LV-ViT's NFNet-F6 maps) it
-times, in this one command, (a) the labeler's bare batched `forward_dense` + top-k on ready-made tensors at
-the given batch size and torch threads (the mean of a run before and one after (b), as the machine's load
-drifts), and (b) the whole dump with one actor of the same threads and batch
-size (decode, preprocessing, forward, top-k, Zarr writes; counted once the actor has loaded its model). Goal:
-(b) >= 0.9 x (a). Then it exports the store to LV-ViT files and compares bytes per image (goal <= 0.5 x),
-both apparent sizes and space on disk (a small file takes a whole file-system block).
+times, in this one command:
+  (a) the labeler's bare batched `forward_dense` + top-k on ready-made tensors, at the same batch size and
+      torch threads, as a Ray task holding the actor's CPUs (so it runs in the same environment: Ray sets
+      OMP_NUM_THREADS); the mean of one run before and one after (b), as the shared machine's load drifts;
+  (b) the whole dump with one actor (tar reading, decoding, resampling, forward, top-k, Zarr writes), timed
+      from when the actor has loaded its model. Goal: (b) >= 0.9 x (a).
+Then it exports each store to LV-ViT files and compares bytes per image (goal <= 0.5 x), both apparent sizes
+and space on disk (every small file takes at least one file-system block).
 """
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ray
 import timm
 import torch
 
@@ -72,13 +76,16 @@ def main() -> None:
     shards = work / "demo"
     build_demo(shards, train=args.images, val=1, per_shard=args.samples_per_shard)
     checkpoint = args.checkpoint or random_checkpoint(work / "last.pt")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    bare_task = ray.remote(num_cpus=args.threads)(bare_forward)
     rows = []
     for size in args.sizes:
-        before = bare_forward(checkpoint, size, args.batch_size, args.threads, args.images, args.topk)
+        bare_args = (checkpoint, size, args.batch_size, args.threads, args.images, args.topk)
+        before = ray.get(bare_task.remote(*bare_args))
         store = shards / "labels" / f"s{size}.zarr"
         summary = dump(shards, checkpoint, store, topk=args.topk, input_size=size, batch_size=args.batch_size,
                        threads=args.threads, actors=1)
-        bare = (before + bare_forward(checkpoint, size, args.batch_size, args.threads, args.images, args.topk)) / 2
+        bare = (before + ray.get(bare_task.remote(*bare_args))) / 2
         export_lvvit(store, work / f"lvvit{size}")
         (store_b, store_disk), (pt_b, pt_disk) = tree_bytes(store), tree_bytes(work / f"lvvit{size}")
         n = args.images

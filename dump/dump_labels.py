@@ -56,7 +56,7 @@ from dump.store import (
 from labeler.checkpoint import load_labeler
 from shards.errors import UserError, cli
 from shards.manifest import Manifest, load_manifest
-from shards.reader import SkipLog, read_shard
+from shards.reader import ON_ERROR, SkipLog, read_shard
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 MAX_RETRIES = 3  # actor restarts and task retries when a worker process dies
@@ -207,15 +207,18 @@ def probe_labeler(checkpoint: Path, input_size: int | None) -> tuple[dict[str, A
 
 def open_or_create(path: Path, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
     """The store to fill: resumed if it has exactly these attributes, else created (replacing only with --overwrite)."""
-    if path.exists() and not (path / "zarr.json").is_file():
-        raise UserError(f"{path}: exists and is not a label store; not replacing it (even with --overwrite): "
-                        f"remove it yourself or choose another --out")
-    if path.exists() and not overwrite:
-        differences = identity_differences(open_store(path).attrs, attrs)
-        if differences:
+    if path.exists():
+        try:
+            differences = identity_differences(open_store(path).attrs, attrs)
+        except UserError:
+            if not overwrite:
+                raise
+            differences = ["not a readable label store"]
+        if not differences:
+            return zarr.open_group(path, mode="r+", zarr_format=3)
+        if not overwrite:
             raise UserError(f"{path}: an existing store made differently ({'; '.join(differences[:3])}"
                             f"{'; ...' if len(differences) > 3 else ''}); pass --overwrite to replace it or choose another --out")
-        return zarr.open_group(path, mode="r+", zarr_format=3)
     tmp = temporary_path(path)
     create_store(tmp, attrs)
     publish(tmp, path)
@@ -236,7 +239,8 @@ def run_actors(job: DumpJob, pending: list[int], actors: int, gpus_per_actor: fl
     try:
         ray.get([actor.__ray_ready__.remote() for actor in pool])
     except ray.exceptions.RayActorError as e:
-        raise UserError(f"{job.checkpoint}: the labeler actors failed to start ({e.error_msg.splitlines()[0]})") from None
+        cause = str(e).strip().splitlines()[-1]  # the creation task's exception, last line of its traceback
+        raise UserError(f"{job.checkpoint}: the labeler actors failed to start ({cause})") from None
     started = time.perf_counter()
 
     def submit(actor: Any) -> None:
@@ -284,6 +288,11 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
     manifest.split(split)
     if min(topk, batch_size, threads, in_flight) < 1:
         raise UserError("--topk, --batch-size, --threads-per-actor and --shards-in-flight must be at least 1")
+    if on_error not in ON_ERROR:
+        raise UserError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if out.exists() and not (out / "zarr.json").is_file():
+        raise UserError(f"{out}: exists and is not a label store; not replacing it (even with --overwrite): "
+                        f"remove it yourself or choose another --out")
     with store_lock(out):
         meta, config, grid = probe_labeler(checkpoint, input_size)
         if meta["num_classes"] != manifest.num_classes:
@@ -325,8 +334,7 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
             "images_per_second": labelled / seconds if reports else 0.0, "grid": grid}
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True, help="shard folder with manifest.json (shards/NAME)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="labeler checkpoint (last.pt); its EMA weights are used")
@@ -341,10 +349,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
     parser.add_argument("--actors", type=int, default=None, help="default: one per GPU, or per threads-per-actor CPUs")
     parser.add_argument("--shards-in-flight", type=int, default=2, help="shards each actor decodes/writes concurrently")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+    parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
                         help="corrupt samples: stop naming shard and key, or record them in the store and go on")
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     summary = dump(args.shards, args.checkpoint, args.out, split=args.split, topk=args.topk,
                    input_size=args.input_size, crop_pct=args.crop_pct, batch_size=args.batch_size,
                    threads=args.threads_per_actor, address=args.address, gpus_per_actor=args.num_gpus_per_actor,

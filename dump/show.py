@@ -71,7 +71,8 @@ def render(image: Image.Image, scores: np.ndarray, classes: np.ndarray, box: tup
                    interpolation="nearest")
     axes[1].set_title("top-1 class per token")
     present = sorted(set(top1.ravel().tolist()), key=lambda c: -(top1 == c).sum())
-    axes[1].legend(handles=[Patch(color=colours(c), label=f"{c}: {names[c]}") for c in present[:12]],
+    labels = {c: names[c] if names[c] == str(c) else f"{c}: {names[c]}" for c in present}
+    axes[1].legend(handles=[Patch(color=colours(c), label=labels[c]) for c in present[:12]],
                    loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="class", title_fontsize=8)
     shown = axes[2].imshow(confidence, cmap="magma", vmin=0, vmax=1, alpha=0.75, extent=extent,
                            interpolation="nearest")

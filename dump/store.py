@@ -12,7 +12,10 @@ Rows are chunked along N with `chunk_rows` rows per chunk, chosen so that every 
 chunk boundary: the first shard's count when all shards but the last have equal counts (one chunk = one tar
 shard), else the gcd of those counts (a tar shard then spans several chunks). Either way each chunk belongs to
 exactly one tar shard, so one writer alone ever writes it (zarr-python 3 has no locking; two writers of one
-chunk lose data). The group attribute `complete` is set only once every shard's `done` flag is in.
+chunk lose data). zarr's LocalStore (>= 3.1.3) writes each chunk to a temporary file and renames it, so a
+killed writer leaves a chunk whole or absent; a shard without its `done` flag is simply redone. The group
+attribute `complete` is set, by the driver alone, only once every shard's `done` flag is in. One dump at a
+time writes a store: `store_lock` holds `<store>.lock`.
 
 The geometry of a map is its `footprint`: the square of the original image the labeler saw, resized to the
 labeler's input (see `footprint_box`). The student data path uses `open_store`, `check_matches`,

@@ -96,15 +96,17 @@ class ConvNeXtEmbed(nn.Module):
 
     The first stage keeps the stem's resolution, each later one halves it; total stride is
     stem_stride * 2 ** (len(depths) - 1) * proj_stride. Returns (tokens [B, N, C], (H, W)).
+    `ls_init_value` is the blocks' initial LayerScale (ConvNeXt's 1e-6 starts each block near identity).
     """
 
     def __init__(self, in_chans: int, embed_dim: int, depths: tuple[int, ...] = (3, 3),
-                 dims: tuple[int, ...] = (128, 256), stem_stride: int = 4, proj_stride: int = 2):
+                 dims: tuple[int, ...] = (128, 256), stem_stride: int = 4, proj_stride: int = 2,
+                 ls_init_value: float = 1e-6):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stem_stride), LayerNorm2d(dims[0]))
         self.stages = nn.Sequential(*(
             ConvNeXtStage(dims[max(i - 1, 0)], dims[i], stride=1 if i == 0 else 2, depth=depth,
-                          ls_init_value=1e-6, conv_mlp=True, norm_layer=LayerNorm2d)
+                          ls_init_value=ls_init_value, conv_mlp=True, norm_layer=LayerNorm2d)
             for i, depth in enumerate(depths)))
         self.proj = nn.Conv2d(dims[-1], embed_dim, proj_stride, proj_stride)
 

@@ -17,8 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Pipeline, load_pipelines
+from pipeline.config import Pipeline, check_pipeline, load_pipelines
 from shards.errors import UserError, cli
+from shards.reader import split_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,8 @@ class Runner:
         self.store = self.shards / "labels" / f"{pipeline.dump.name}.zarr"
         self.summary: list[tuple[str, str, float]] = []
 
-    def stage(self, name: str, ident: str, outputs: list[Path], command: list[str], fresh: list[Path]) -> str:
-        """Run one stage unless its record matches `ident`; on a changed configuration clear `fresh` first."""
+    def stage(self, name: str, ident: str, outputs: list[Path], commands: list[list[str]], fresh: list[Path]) -> str:
+        """Run a stage's commands unless its record matches `ident`; on a changed configuration clear `fresh` first."""
         record_path = self.records / f"{name}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record and record["identity"] == ident and all(p.exists() for p in outputs):
@@ -62,12 +63,14 @@ class Runner:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         marker.write_text(ident)
-        print(f"\n== {self.p.name}: {name}\n$ {' '.join(command[2:] if command[0] == self.python else command)}",
-              flush=True)
+        print(f"\n== {self.p.name}: {name}", flush=True)
         started = time.time()
-        result = subprocess.run(command, cwd=ROOT)
-        if result.returncode != 0:
-            raise UserError(f"stage '{name}' failed (exit {result.returncode}); fix the cause and run again to resume")
+        for command in commands:
+            print("$ " + " ".join(command[1:] if command[0] == self.python else command), flush=True)
+            result = subprocess.run(command, cwd=ROOT)
+            if result.returncode != 0:
+                raise UserError(f"stage '{name}' failed (exit {result.returncode}); fix the cause and run the same "
+                                "command again to resume")
         seconds = time.time() - started
         record_path.write_text(json.dumps({"identity": ident, "seconds": seconds}) + "\n")
         self.summary.append((name, "done", seconds))
@@ -77,50 +80,64 @@ class Runner:
         return [self.python, "-m", name, *args]
 
     def run(self) -> None:
+        """Every stage in order, then the summary table."""
+        self.prepare()
+        self.train_students()
+        self.evaluate()
+        self.pictures()
+        print(self.table())
+
+    def prepare(self) -> None:
+        """Dataset, labeler and dump: what every student of the pipeline reads."""
         p = self.p
         d = p.dataset
         if d.demo is not None:
             command = self.module("shards.demo", "--out", d.out, "--overwrite", *flags(d.demo), *flags(d.args))
-        elif d.imagefolder:
+        else:
             command = self.module("shards.build", "--imagefolder", d.imagefolder, "--out", d.out, "--overwrite",
                                   *flags(d.args))
-        else:
-            raise UserError(f"pipelines.yaml:{p.name}.dataset: give either 'demo' or 'imagefolder'")
-        data_id = self.stage("dataset", identity(asdict(d)), [self.shards / "manifest.json"], command, [])
+        data_id = self.stage("dataset", identity(asdict(d)), [self.shards / "manifest.json"], [command], [])
 
         lab = p.labeler
         lab_dir = ROOT / lab.out
-        lab_id = self.stage("labeler", identity(asdict(lab), data_id), [lab_dir / "last.pt"], self.module(
+        lab_id = self.stage("labeler", identity(asdict(lab), data_id), [lab_dir / "last.pt"], [self.module(
             "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs", str(lab.epochs), "--out", lab.out,
-            *flags(lab.args)), [lab_dir])
+            *flags(lab.args))], [lab_dir])
 
         dump = p.dump
         dump_args = {"topk": dump.topk, "input-size": dump.input_size, **dump.args}
-        dump_id = self.stage("dump", identity(asdict(dump), lab_id), [self.store], self.module(
+        self.dump_id = self.stage("dump", identity(asdict(dump), lab_id), [self.store], [self.module(
             "dump.dump_labels", "--shards", d.out, "--checkpoint", str(lab_dir / "last.pt"),
-            "--out", str(self.store), *flags(dump_args)), [self.store])
+            "--out", str(self.store), "--overwrite", *flags(dump_args))], [])
 
+    def train_students(self) -> None:
+        p = self.p
         for s in p.students:
             out = self.runs / s.name
             extra = [] if s.token_labels else ["--no-token-labels"]
-            self.stage(f"student-{s.name}", identity(asdict(s), dump_id), [out / "last.pt"], self.module(
-                "train.student", "--labels", str(self.store), "--model", s.model, "--epochs", str(s.epochs),
-                "--out", str(out), *extra, *flags(s.args)), [out])
+            launch = s.launcher or [self.python]
+            self.stage(f"student-{s.name}", identity(asdict(s), self.dump_id), [out / "last.pt"], [[
+                *launch, "-m", "train.student", "--labels", str(self.store), "--model", s.model,
+                "--epochs", str(s.epochs), "--out", str(out), "--final-corruptions", *extra, *flags(s.args)]], [out])
 
-        e = p.eval
+    def evaluate(self) -> None:
+        p, d, e = self.p, self.p.dataset, self.p.eval
         names = sorted((s.name for s in p.students), key=lambda n: n != e.baseline)  # the baseline first
         for name in names:
             out = self.runs / name
             eval_args = {"corruptions": e.corruptions, "severities": e.severities, **e.args}
             base = ["--baseline", str(self.runs / e.baseline)] if e.baseline and name != e.baseline else []
-            self.stage(f"eval-{name}", identity(asdict(e), name, self.stage_ident(f"student-{name}")),
-                       [out / "eval.json"], self.module("train.eval", str(out / "last.pt"), "--shards", d.out,
-                                                        *base, *flags(eval_args)), [out / "eval.json"])
+            upstream = [self.stage_ident(f"student-{n}") for n in (name, e.baseline) if n]
+            self.stage(f"eval-{name}", identity(asdict(e), name, *upstream),
+                       [out / "eval.json"], [self.module("train.eval", str(out / "last.pt"), "--shards", d.out,
+                                                         *base, *flags(eval_args))], [out / "eval.json"])
 
-        pictures = self.runs / "pictures"
-        self.stage("pictures", identity(asdict(p.pictures), dump_id), [pictures], self.module(
-            "dump.show", str(self.store), "--first", str(p.pictures.count), "--out", str(pictures)), [pictures])
-        print(self.table())
+    def pictures(self) -> None:
+        p, pictures = self.p, self.runs / "pictures"
+        keys = split_keys(self.shards, "train")[: p.pictures.count]
+        self.stage("pictures", identity(asdict(p.pictures), self.dump_id), [pictures], [self.module(
+            "dump.show", str(self.store), "--key", key, "--out", str(pictures / f"{key.replace('/', '_')}.png"))
+            for key in keys], [pictures])
 
     def stage_ident(self, name: str) -> str:
         path = self.records / f"{name}.json"
@@ -174,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.name not in pipelines:
         raise UserError(f"{args.file}: no pipeline '{args.name}'; it has: {', '.join(pipelines)}")
     if args.check:
+        for pipeline in pipelines.values():
+            check_pipeline(pipeline)
         print(f"{args.file}: {len(pipelines)} pipeline(s) valid: {', '.join(pipelines)}")
         return
+    check_pipeline(pipelines[args.name])
     Runner(pipelines[args.name]).run()
 
 

@@ -1,5 +1,6 @@
 """pipelines.yaml: its schema, and loading with one clear line for an unknown key or a wrong type."""
 
+import importlib
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -41,6 +42,7 @@ class Student:
     model: str
     epochs: int
     token_labels: bool = True
+    launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
     args: Args = field(default_factory=dict)
 
 
@@ -54,7 +56,7 @@ class Eval:
 
 @dataclass
 class Pictures:
-    count: int = 4                    # token-label pictures (dump.show) of this many train samples
+    count: int = 4                    # token-label pictures (dump.show) of the first train samples
 
 
 @dataclass
@@ -120,3 +122,52 @@ def load_pipelines(path: str | Path) -> dict[str, Pipeline]:
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a mapping of pipeline names")
     return {name: build(Pipeline, {"name": name, **(body or {})}, f"{path.name}:{name}") for name, body in doc.items()}
+
+
+def stage_args(pipeline: Pipeline) -> list[tuple[str, str, Args]]:
+    """(where in the file, the command's module, its extra flags) for every stage of a pipeline."""
+    where = f"pipelines.yaml:{pipeline.name}"
+    dataset_tool = "shards.demo" if pipeline.dataset.demo is not None else "shards.build"
+    out = [(f"{where}.dataset.args", dataset_tool, pipeline.dataset.args),
+           (f"{where}.labeler.args", "labeler.train", pipeline.labeler.args),
+           (f"{where}.dump.args", "dump.dump_labels", pipeline.dump.args),
+           (f"{where}.eval.args", "train.eval", pipeline.eval.args)]
+    if pipeline.dataset.demo is not None:
+        out.append((f"{where}.dataset.demo", "shards.demo", pipeline.dataset.demo))
+    out += [(f"{where}.students[{i}].args", "train.student", s.args) for i, s in enumerate(pipeline.students)]
+    return out
+
+
+def check_flags(where: str, module: str, args: Args) -> None:
+    """Each key must be a flag of the command, each value of its type and among its choices."""
+    parser = importlib.import_module(module).build_parser()
+    actions = parser._option_string_actions  # argparse keeps no public map from flag to action
+    for key, value in args.items():
+        action = actions.get(f"--{key.replace('_', '-')}")
+        if action is None:
+            raise UserError(f"{where}.{key}: not a flag of `python -m {module}` (see its --help)")
+        if action.nargs == 0:
+            if not isinstance(value, bool):
+                raise UserError(f"{where}.{key}: a switch; expected true or false, got {value!r}")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                converted = action.type(str(item)) if action.type else str(item)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"{where}.{key}: {item!r} is not a valid {action.type.__name__}") from e
+            if action.choices is not None and converted not in action.choices:
+                raise UserError(f"{where}.{key}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+
+
+def check_pipeline(pipeline: Pipeline) -> None:
+    """Validate every stage's extra flags against its command-line tool."""
+    if (pipeline.dataset.demo is None) == (pipeline.dataset.imagefolder is None):
+        raise UserError(f"pipelines.yaml:{pipeline.name}.dataset: give exactly one of 'demo' or 'imagefolder'")
+    names = [s.name for s in pipeline.students]
+    if len(set(names)) != len(names):
+        raise UserError(f"pipelines.yaml:{pipeline.name}.students: names must be unique, got {names}")
+    if pipeline.eval.baseline is not None and pipeline.eval.baseline not in names:
+        raise UserError(f"pipelines.yaml:{pipeline.name}.eval.baseline: {pipeline.eval.baseline!r} is not a student "
+                        f"name ({', '.join(names)})")
+    for where, module, args in stage_args(pipeline):
+        check_flags(where, module, args)

@@ -114,8 +114,7 @@ def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwr
     print(f"wrote {out}: " + ", ".join(f"{s} {len(items)} images" for s, (_, items) in scans.items()))
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--imagefolder", type=Path, required=True, help="root holding train/<class>/* and val/<class>/*")
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/NAME")
@@ -123,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the train split's fixed order")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the train split in folder order")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     build(args.imagefolder, args.out, args.samples_per_shard, None if args.no_shuffle else args.shuffle_seed,

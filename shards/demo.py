@@ -107,8 +107,7 @@ def build_demo(out: Path, train: int = 10_000, val: int = 2_000, size: int = 64,
     write_dataset(out, CLASSES, splits, has_masks=True, per_shard=per_shard)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Build the demo dataset (handwritten digits on textured canvases).")
     parser.add_argument("--out", type=Path, default=Path("shards/demo"))
     parser.add_argument("--train", type=int, default=10_000, help="train images")
@@ -117,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     build_demo(args.out, args.train, args.val, args.size, args.samples_per_shard, args.seed, args.overwrite)
     print(f"wrote {args.out}: train {args.train}, val {args.val} images of {args.size}x{args.size}")
 

@@ -1,8 +1,9 @@
 """One student training step and epoch: targets from the stored maps (or an online labeler), mixing, TL-Align, loss.
 
-Every random draw of a step (mixing, Gumbel samples, drop-path) is seeded by (seed, epoch, step), and every
+Every random draw of a step (mixing, Gumbel samples, drop-path) is seeded by (seed, epoch, step, rank), and every
 sample's augmentation by (seed, epoch, row), so a run resumed from an epoch checkpoint repeats exactly what the
-uninterrupted run did, and DataLoader workers or ranks do not change what a sample looks like.
+uninterrupted run did, DataLoader workers or ranks do not change what a sample looks like, and ranks draw
+independent noise for their local batches.
 """
 
 import math
@@ -44,10 +45,11 @@ class StepConfig:
     tl_align: str = "off"
     clip_grad: float | None = None
     seed: int = 0
+    rank: int = 0                   # distributed rank: part of every step's seed
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, step, 7]).generate_state(1)[0])
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, epoch, step, rank, 7]).generate_state(1)[0])
 
 
 class TrainForward(nn.Module):
@@ -113,10 +115,10 @@ class StepRunner:
             return self.mixer.sample(batch_size)
         return MixInfo("none", 1.0, None, flip_perm(batch_size), c.grid)
 
-    def step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
-        """One optimizer step on `batch` (tensors on any device); returns the loss parts."""
+    def loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached parts) of the student in training mode on `batch` as step (epoch, step) draws it."""
         c = self.cfg
-        seed = step_seed(c.seed, epoch, step)
+        seed = step_seed(c.seed, epoch, step, c.rank)
         torch.manual_seed(seed)  # drop-path and anything else drawing from torch's global RNG
         generator = torch.Generator(self.device).manual_seed(seed)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -131,8 +133,12 @@ class StepRunner:
         if aligned is not None:
             cls_t = aligned.cls
             tok_t = aligned.tokens if c.tl_align == "dense" and tok_t is not None else tok_t
-        loss, parts = token_label_loss(cls_logits.float(), cls_t,
-                                       None if token_logits is None else token_logits.float(), tok_t, valid, c.beta)
+        return token_label_loss(cls_logits.float(), cls_t, None if token_logits is None else token_logits.float(),
+                                tok_t, valid, c.beta)
+
+    def step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
+        """One optimizer step on `batch` (tensors on any device); returns the loss parts."""
+        loss, parts = self.loss(batch, epoch, step)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
@@ -141,8 +147,8 @@ class StepRunner:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if c.clip_grad:
-            nn.utils.clip_grad_norm_(self.student.parameters(), c.clip_grad)
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -155,11 +161,11 @@ class StepRunner:
         """(class logits, token logits or None, aligned labels or None) of the student on the mixed batch."""
         c = self.cfg
         mix = info if info.mode == "mixtoken" else None
-        if not c.token_labels and self.aligner is None:
+        if not c.token_labels and self.aligner is None and mix is None:
             return self.module(images, dense=False), None, None
-        if self.aligner is None:
+        if self.aligner is None:  # MixToken needs the dense forward even without token labels
             cls_logits, token_logits, _ = self.module(images, mix=mix)
-            return cls_logits, token_logits, None
+            return cls_logits, token_logits if c.token_labels else None, None
         y_cls, y_tokens = self.initial_labels(labels, cls_t, tok_t, info)
         if mix is not None:  # the labels travel with the mixed tokens, then are un-mixed like the token logits
             y_tokens = mix_tokens(y_tokens, info)

@@ -12,6 +12,8 @@
 import argparse
 import json
 import zlib
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from corrupt_tta import corrupt, corruption_dict
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from labeler.checkpoint import load_labeler, read_checkpoint
@@ -78,56 +80,95 @@ class EvalTransform:
         return out
 
 
+def check_corruptions(names: Sequence[str], severities: Sequence[int] = SEVERITIES) -> tuple[str, ...]:
+    """The corruption names of a command line, checked against corrupt-tta's (`none` alone: clean only)."""
+    names = () if list(names) == ["none"] else tuple(names)
+    unknown = [name for name in names if name not in corruption_dict]
+    if unknown:
+        raise UserError(f"unknown corruption {unknown[0]!r}; choose from {', '.join(corruption_dict)} (or none)")
+    bad = [s for s in severities if not 1 <= s <= 5]
+    if bad:
+        raise UserError(f"corruption severity {bad[0]} is out of range; ImageNet-C severities are 1 to 5")
+    return names
+
+
+class EvalPasses(IterableDataset):
+    """A split once per setting (clean first, then each corruption/severity), every sample tagged with its setting.
+
+    One DataLoader streams all passes, so its workers start once and never idle between passes. The whole split
+    on every rank (evaluation runs on one process).
+    """
+
+    def __init__(self, shards: str | Path, split: str, img_size: int, settings: Sequence[tuple[str | None, int]]):
+        self.readers = [ShardReader(shards, split, transform=EvalTransform(img_size, name, severity), rank=0,
+                                    world_size=1) for name, severity in settings]
+
+    def __len__(self) -> int:
+        return sum(len(reader) for reader in self.readers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for setting, reader in enumerate(self.readers):
+            for sample in reader:
+                yield {**sample, "setting": setting}
+
+
 @torch.no_grad()
-def run_split(model: nn.Module, reader: ShardReader, device: torch.device, batch_size: int, workers: int,
-              desc: str) -> dict[str, float | None]:
-    """One pass over a split: accuracies by the class head and the combined score, and token counts."""
-    loader = DataLoader(reader, batch_size=batch_size, num_workers=workers)
-    correct = correct_combined = total = 0
-    tokens = TokenCounts()
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        images, labels = batch["image"].to(device), batch["cls"].to(device)
-        cls_logits, token_logits, grid = model.forward_dense(images)
-        combined = cls_logits + 0.5 * token_logits.max(dim=1).values
-        correct += int((cls_logits.argmax(-1) == labels).sum())
-        correct_combined += int((combined.argmax(-1) == labels).sum())
-        total += len(labels)
-        if "mask" in batch:
-            tokens = tokens + token_accuracy(token_logits, grid, batch["mask"].to(device), labels)
-    if total == 0:
-        raise UserError(f"{reader.manifest.root}: split '{reader.split}' yielded no samples")
-    return {"top1": 100.0 * correct / total, "top1_combined": 100.0 * correct_combined / total,
-            **(tokens.rates() if tokens.fg_total + tokens.bg_total else {})}
-
-
-def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str = "val", device: str = "cpu",
-             batch_size: int = 256, workers: int = 2, corruptions: tuple[str, ...] = CORRUPTIONS,
-             severities: tuple[int, ...] = SEVERITIES) -> dict[str, Any]:
-    """Clean metrics, then class-head top-1 under each corruption and severity, and their mean (corrupt_acc)."""
+def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str = "val",
+             device: str | torch.device = "cpu", batch_size: int = 256, workers: int = 2,
+             corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES) -> dict[str, Any]:
+    """Clean metrics (top1, top1_combined, token accuracies where there are masks), then class-head top-1 under
+    each corruption and severity (`corrupted`) and their mean (corrupt_acc), all in percent."""
     device = torch.device(device)
     model = model.to(device).eval()
-    results: dict[str, Any] = run_split(model, ShardReader(shards, split, transform=EvalTransform(img_size)),
-                                        device, batch_size, workers, "eval clean")
-    corrupted = {}
-    for name in corruptions:
-        for severity in severities:
-            reader = ShardReader(shards, split, transform=EvalTransform(img_size, name, severity))
-            corrupted[f"{name}/{severity}"] = run_split(model, reader, device, batch_size, workers,
-                                                        f"eval {name}/{severity}")["top1"]
-    if corrupted:
-        results["corrupt_acc"] = float(np.mean(list(corrupted.values())))
-        results["corrupted"] = corrupted
+    settings = [(None, 0)] + [(name, severity) for name in corruptions for severity in severities]
+    data = EvalPasses(shards, split, img_size, settings)
+    shards_per_pass = len(data.readers[0].rank_shards())
+    loader = DataLoader(data, batch_size=batch_size, num_workers=min(workers, shards_per_pass),
+                        pin_memory=device.type == "cuda")
+    correct = torch.zeros(len(settings), dtype=torch.long)
+    correct_combined, total = torch.zeros_like(correct), torch.zeros_like(correct)
+    tokens = TokenCounts()
+    count = partial(torch.bincount, minlength=len(settings))
+    bar = tqdm(total=len(data), desc=f"eval {split}", leave=False, unit="img", disable=None)
+    for batch in loader:
+        images, labels, setting = batch["image"].to(device), batch["cls"].to(device), batch["setting"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls_logits, token_logits, grid = model.forward_dense(images)
+        cls_logits, token_logits = cls_logits.float(), token_logits.float()
+        combined = cls_logits + 0.5 * token_logits.max(dim=1).values
+        correct += count(setting[(cls_logits.argmax(-1) == labels).cpu()])
+        correct_combined += count(setting[(combined.argmax(-1) == labels).cpu()])
+        total += count(setting)
+        clean = (setting == 0).to(device)
+        if "mask" in batch and clean.any():
+            tokens = tokens + token_accuracy(token_logits[clean], grid, batch["mask"].to(device)[clean], labels[clean])
+        bar.update(len(labels))
+    bar.close()
+    if total[0] == 0:
+        raise UserError(f"{shards}: split '{split}' yielded no samples")
+    accuracy = [100.0 * c / n for c, n in zip(correct.tolist(), total.tolist())]
+    results: dict[str, Any] = {"top1": accuracy[0], "top1_combined": 100.0 * int(correct_combined[0]) / int(total[0]),
+                               **(tokens.rates() if tokens.fg_total + tokens.bg_total else {})}
+    if len(settings) > 1:
+        results["corrupted"] = {f"{name}/{severity}": acc for (name, severity), acc in zip(settings[1:], accuracy[1:])}
+        results["corrupt_acc"] = float(np.mean(accuracy[1:]))
     return results
+
+
+def check_baseline(baseline: dict[str, Any], keys: Sequence[str]) -> None:
+    """Refuse a baseline eval that lacks any of the corruption/severity results `keys` ("name/severity")."""
+    missing = [k for k in keys if k not in baseline.get("corrupted", {})]
+    if not keys or missing:
+        raise UserError(f"baseline eval has no result for {missing[0] if missing else 'any corruption'}; "
+                        "evaluate both with the same --corruptions and --severities")
 
 
 def mean_corruption_error(results: dict[str, Any], baseline: dict[str, Any]) -> float:
     """ImageNet-C mCE: per corruption, summed errors over severities relative to the baseline's; mean, in %."""
+    check_baseline(baseline, list(results.get("corrupted", {})))
     ratios = []
     for name in sorted({key.split("/")[0] for key in results["corrupted"]}):
         keys = [k for k in results["corrupted"] if k.split("/")[0] == name]
-        missing = [k for k in keys if k not in baseline.get("corrupted", {})]
-        if missing:
-            raise UserError(f"baseline eval has no result for {missing[0]}; evaluate both with the same corruptions")
         error = sum(100 - results["corrupted"][k] for k in keys)
         base_error = sum(100 - baseline["corrupted"][k] for k in keys)
         ratios.append(error / max(base_error, 1e-9))
@@ -150,24 +191,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    parser.add_argument("--corruptions", nargs="*", default=list(CORRUPTIONS),
-                        help=f"names from corrupt-tta (default: {' '.join(CORRUPTIONS)}); none to skip")
-    parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES))
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS),
+                        help="names from corrupt-tta, or none for clean only (default: %(default)s)")
+    parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES),
+                        help="ImageNet-C severities 1-5 (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, help="run folder or eval JSON of the baseline for mCE")
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default: beside the checkpoint)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: eval.json beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.corruptions) - set(corruption_dict))
-    if unknown:
-        raise UserError(f"unknown corruption {unknown[0]!r}; choose from {', '.join(sorted(corruption_dict))}")
+    corruptions = check_corruptions(args.corruptions, args.severities)
+    baseline = read_eval(args.baseline) if args.baseline else None
+    if baseline is not None:  # before the evaluation, not after it
+        check_baseline(baseline, [f"{name}/{severity}" for name in corruptions for severity in args.severities])
     model, meta = load_model(args.checkpoint, args.device)
     results = evaluate(model, args.shards, args.img_size or meta["img_size"], split=args.split, device=args.device,
-                       batch_size=args.batch_size, workers=args.workers, corruptions=tuple(args.corruptions),
+                       batch_size=args.batch_size, workers=args.workers, corruptions=corruptions,
                        severities=tuple(args.severities))
-    if args.baseline:
-        results["mce"] = mean_corruption_error(results, read_eval(args.baseline))
+    if baseline is not None:
+        results["mce"] = mean_corruption_error(results, baseline)
         results["mce_baseline"] = str(args.baseline)
     results["checkpoint"] = str(args.checkpoint)
     out = args.out or args.checkpoint.parent / EVAL_JSON

@@ -1,0 +1,308 @@
+"""Cost of token labels in the student data path: label path vs image path per sample, and loader throughput.
+
+    python -m benchmarks.bench_datapath [--geometries demo imagenet --images 512 --repeats 3 --threads 1]
+
+Two geometries, each built into a temporary folder: "demo" (the demo set's 64x64 images, 8x8 maps, K=10, k=5,
+a 64 px student with 8 px patches) and "imagenet" (generated 320x256 JPEGs in an ImageFolder of 1000 classes
+through shards.build, 18x18 maps, K=1000, k=5 as LV-ViT's NFNet-F6 files, a 224 px student with 16 px patches).
+Maps are random top-k .pt files imported with dump.lvvit.import_lvvit; the trainer's augmentation
+(RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25).
+
+Table 1, per sample, in one process (CPU time; wall time on CUDA), in shard order as a worker sees it: the
+image path (tar read and decode, the seeded augmentation, collating the image) against the label path (the
+store read, whole-shard chunk reads and the store's opening amortised; the worker's bookkeeping: drawing and
+composing the mapping, which the image path also does, so this is an upper bound, the footprint and collating
+the label fields; then per batch densify, resample at points=1 and 2, and the Gumbel draw of token targets).
+Goal: label < 10% of image.
+
+Table 2, the whole loader as the trainer builds it (DataLoader over StudentData, batch, drop_last, workers 0
+and 2, workers restarted per pass): wall samples/s and CPU time per sample (this process and its workers)
+without a store against with one plus token_label_targets on every batch in the main process. The variants
+alternate in rotating order; medians over the repeats. On a machine with fewer free cores than workers + 1,
+the wall ratio is noisy; the CPU ratio is the steadier one.
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from dump.lvvit import import_lvvit
+from dump.store import LabelStore, footprint_box
+from shards.build import build
+from shards.demo import build_demo
+from shards.errors import cli
+from shards.manifest import load_manifest
+from shards.reader import read_shard, split_keys
+from train.augment import LabelAwareTransform
+from train.data import StoreJoin, StudentData, seed_sample, token_label_targets
+from train.geometry import resample_maps
+from train.targets import densify, token_targets
+
+
+@dataclass(frozen=True)
+class Geometry:
+    name: str
+    image: tuple[int, int]  # original images (width, height)
+    img_size: int           # student input side
+    patch: int              # student pixels per token
+    map_grid: int           # stored map side
+    k: int
+    num_classes: int
+    labeler_input: int      # recorded in the store's footprint
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.img_size // self.patch, self.img_size // self.patch
+
+
+GEOMETRIES = {
+    "demo": Geometry("demo", (64, 64), 64, 8, 8, 5, 10, 64),
+    "imagenet": Geometry("imagenet", (320, 256), 224, 16, 18, 5, 1000, 576),
+}
+
+
+def photo(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A JPEG (quality 90) of a smooth random colour field with grain: decodes like a small photograph."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(coarse, np.float32) + rng.normal(0, 10, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def build_imagefolder(folder: Path, geo: Geometry, images: int, per_shard: int) -> Path:
+    """Shards of `images` photos spread over num_classes class folders (most classes may stay empty)."""
+    rng = np.random.default_rng(0)
+    for c in range(geo.num_classes):
+        (folder / "images" / "train" / f"c{c:04d}").mkdir(parents=True)
+    for i in range(images):
+        (folder / "images" / "train" / f"c{i * geo.num_classes // images:04d}" / f"img_{i:06d}.jpg").write_bytes(
+            photo(rng, *geo.image))
+    with contextlib.redirect_stdout(sys.stderr):
+        build(folder / "images", folder / "shards", per_shard, seed=0, overwrite=False)
+    return folder / "shards"
+
+
+def write_maps(root: Path, out: Path, geo: Geometry) -> None:
+    """One LV-ViT file [2, k, H, W] float16 per key: descending random logits over a few classes per image."""
+    rng = np.random.default_rng(1)
+    cells = geo.map_grid * geo.map_grid
+    for key in split_keys(root, "train"):
+        candidates = rng.choice(geo.num_classes, size=min(3 * geo.k, geo.num_classes), replace=False)
+        classes = rng.permuted(np.tile(candidates, (cells, 1)), axis=1)[:, :geo.k].T
+        scores = -np.sort(-rng.normal(0, 3, (geo.k, cells)), axis=0)
+        maps = np.stack([scores, classes]).reshape(2, geo.k, geo.map_grid, geo.map_grid)
+        (out / key).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.from_numpy(maps.astype(np.float16)), out / f"{key}.pt")
+
+
+def build_dataset(folder: Path, geo: Geometry, images: int, per_shard: int) -> tuple[Path, Path]:
+    """(shard folder, label store) of `geo` under `folder`."""
+    if geo.name == "demo":
+        root = folder / "shards"
+        build_demo(root, train=images, val=max(1, images // 8), size=geo.image[0], per_shard=per_shard)
+    else:
+        root = build_imagefolder(folder, geo, images, per_shard)
+    write_maps(root, folder / "maps", geo)
+    store = root / "labels" / "bench.zarr"
+    import_lvvit(folder / "maps", store, root, input_size=geo.labeler_input)
+    return root, store
+
+
+def trainer_transform(img_size: int) -> LabelAwareTransform:
+    """train.student's training view with its default flags."""
+    return LabelAwareTransform(img_size, scale=(0.08, 1.0), hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1",
+                               re_prob=0.25)
+
+
+class Clock:
+    """Accumulated seconds per named section: process CPU time (steadier on a shared machine), or with CUDA
+    wall time read after synchronising."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.totals = device, defaultdict(float)
+        self.now = time.perf_counter if device.type == "cuda" else time.process_time
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = self.now()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[name] += self.now() - start
+
+
+def breakdown_pass(root: Path, store: Path, geo: Geometry, batch: int, device: torch.device) -> dict[str, float]:
+    """Seconds per sample of each section, over one pass of the split in shard order."""
+    manifest = load_manifest(root)
+    transform = trainer_transform(geo.img_size)
+    join = StoreJoin(LabelStore(store), manifest.offsets("train"))  # a fresh store, as a new worker gets it
+    footprint = LabelStore(store).footprint
+    generator = torch.Generator(device).manual_seed(0)
+    clock, pending, samples, batched = Clock(device), [], 0, 0
+    for name, _ in manifest.shards("train"):
+        shard = read_shard(root, "train", name, manifest=manifest)
+        while True:
+            with clock("read + decode"):
+                sample = next(shard, None)
+            if sample is None:
+                break
+            with clock("store read"):
+                sample = join(sample)
+            image, samples = sample["image"], samples + 1
+            with clock("augment"):
+                seed_sample(0, 0, sample["index"])
+                tensor, mapping = transform(image)
+            with clock("mapping (also in augment) + footprint"):
+                transform.sample(image)
+                box = np.asarray(footprint_box(footprint, *image.size), np.float32)
+            pending.append(({"image": tensor, "cls": sample["cls"], "index": sample["index"]},
+                            {"mapping": mapping, "footprint": box, "scores": sample["scores"],
+                             "classes": sample["classes"]}))
+            if len(pending) < batch:
+                continue
+            images, labels = zip(*pending)
+            pending, batched = [], batched + batch
+            with clock("collate image"):
+                default_collate(list(images))
+            with clock("collate labels"):
+                b = {k: v.to(device) for k, v in default_collate(list(labels)).items()}
+            with clock("densify"):
+                probs = densify(b["scores"], b["classes"], geo.num_classes)
+            with clock("resample p=1"):
+                resample_maps(probs, b["mapping"], b["footprint"], geo.img_size, geo.grid, 1)
+            with clock("resample p=2"):
+                token_probs, _ = resample_maps(probs, b["mapping"], b["footprint"], geo.img_size, geo.grid, 2)
+            with clock("gumbel sampling"):
+                token_targets(token_probs, "gumbel", 1.0, 0.1, generator)
+    per_batch = ("collate image", "collate labels", "densify", "resample p=1", "resample p=2", "gumbel sampling")
+    return {k: v / (batched if k in per_batch else samples) for k, v in clock.totals.items()}
+
+
+IMAGE_PARTS = ("read + decode", "augment", "collate image")
+LABEL_PARTS = ("store read", "mapping (also in augment) + footprint", "collate labels", "densify", "resample p=1",
+               "resample p=2", "gumbel sampling")
+
+
+def breakdown_rows(geo: Geometry, root: Path, store: Path, args: argparse.Namespace,
+                   device: torch.device) -> list[dict]:
+    passes = [breakdown_pass(root, store, geo, args.batch, device) for _ in range(args.repeats)]
+    ms = {k: 1e3 * statistics.median(p[k] for p in passes) for k in passes[0]}
+    image = sum(ms[k] for k in IMAGE_PARTS)
+
+    def row(path: str, part: str, value: float, bold: bool = False) -> dict:
+        share = f"{100 * value / image:.1f}"
+        return {"geometry": geo.name, "path": path, "part": part, "ms/sample": f"{value:.3f}",
+                "% of image": f"**{share}**" if bold else share}
+
+    rows = [row("image", k, ms[k]) for k in IMAGE_PARTS] + [row("image", "**total**", image)]
+    rows += [row("label", k, ms[k]) for k in LABEL_PARTS]
+    for points in (2, 1):
+        label = sum(ms[k] for k in LABEL_PARTS if not k.startswith("resample")) + ms[f"resample p={points}"]
+        rows.append(row("label", f"**total, points={points}**", label, bold=True))
+    return rows
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (DataLoader workers, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def loader_pass(data: StudentData, geo: Geometry, workers: int, points: int | None, batch: int,
+                device: torch.device) -> tuple[float, float]:
+    """(wall, CPU of this process and its workers) seconds per sample of one epoch through the trainer's
+    DataLoader (train.student.Run.loader), plus the token targets of every batch when `points` is given."""
+    loader = DataLoader(data, batch_size=batch, num_workers=min(workers, len(data.rank_shards())), drop_last=True,
+                        pin_memory=device.type == "cuda")
+    generator = torch.Generator(device).manual_seed(0)
+    wall, cpu, seen = time.perf_counter(), cpu_seconds(), 0
+    for b in loader:  # workers are shut down (and reaped) when the epoch ends
+        if points is not None:
+            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            token_label_targets(b, geo.num_classes, geo.img_size, geo.grid, points=points, generator=generator)
+        seen += len(b["cls"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - wall) / seen, (cpu_seconds() - cpu) / seen
+
+
+def loader_rows(geo: Geometry, root: Path, store: Path, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    transform = trainer_transform(geo.img_size)
+    variants = {"no token labels": (StudentData(root, None, transform), None),
+                "token labels, points=2": (StudentData(root, store, transform), 2),
+                "token labels, points=1": (StudentData(root, store, transform), 1)}
+    names = list(variants)
+    rows = []
+    for workers in args.workers:
+        times = defaultdict(list)
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                data, points = variants[name]
+                times[name].append(loader_pass(data, geo, workers, points, args.batch, device))
+        median = {name: [statistics.median(t) for t in zip(*times[name])] for name in names}
+        wall0, cpu0 = median[names[0]]
+        for name in names:
+            wall, cpu = median[name]
+            rows.append({"geometry": geo.name, "workers": workers, "variant": name, "samples/s": f"{1 / wall:.0f}",
+                         "wall vs no labels": f"{wall / wall0:.3f}", "CPU ms/sample": f"{1e3 * cpu:.2f}",
+                         "CPU vs no labels": f"{cpu / cpu0:.3f}"})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@cli
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--geometries", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
+    parser.add_argument("--images", type=int, default=512, help="training images per geometry")
+    parser.add_argument("--per-shard", type=int, default=256, help="images per tar shard (= rows per store chunk)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers of table 2")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per variant (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dir", type=Path, help="build the data here (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load = os.getloadavg()[0]
+    breakdown, loaders = [], []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for name in args.geometries:
+            geo = GEOMETRIES[name]
+            root, store = build_dataset(Path(tmp) / name, geo, args.images, args.per_shard)
+            breakdown += breakdown_rows(geo, root, store, args, device)
+            loaders += loader_rows(geo, root, store, args, device)
+    print(f"{args.images} images per geometry in shards of {args.per_shard}, batch {args.batch}, {args.repeats} "
+          f"repeats, {args.threads} torch thread(s) on {device}, {os.cpu_count()} cores, load average "
+          f"{load:.2f} -> {os.getloadavg()[0]:.2f}, torch {torch.__version__}\n")
+    print("Per sample: image path vs label path (goal: label total < 10% of image total)\n")
+    print(markdown(breakdown))
+    print("\nWhole loader (StudentData + DataLoader as in train.student; with labels: + token_label_targets)\n")
+    print(markdown(loaders))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""pipelines.yaml: validation with one clear line, and the demo-quick pipeline end to end (skip and redo)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import check_pipeline, load_pipelines
+from shards.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_pipeline_of_the_file_validates():
+    pipelines = load_pipelines(ROOT / "pipelines.yaml")
+    assert {"demo", "demo-quick", "imagenet"} <= set(pipelines)
+    for pipeline in pipelines.values():
+        check_pipeline(pipeline)
+    imagenet = pipelines["imagenet"]
+    assert imagenet.labeler.model == "fan_small_12_p4_hybrid" and imagenet.dump.input_size == 288
+    assert {s.model for s in imagenet.students} >= {"deit_small_patch16_224", "fan_small_12_p4_hybrid"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["demo"]["labeler"].update(epoch=3), r"pipelines.yaml:demo.labeler.epoch: unknown key"),
+    (lambda d: d["demo"]["labeler"].update(epochs="many"), r"demo.labeler.epochs: expected int, got str 'many'"),
+    (lambda d: d["demo"]["students"][0].pop("model"), r"demo.students\[0\].model: missing required key"),
+    (lambda d: d["demo"]["students"][1]["args"].update(warmup=2), r"demo.students\[1\].args.warmup: not a flag"),
+    (lambda d: d["demo"]["students"][1]["args"].update(mix="blend"), r"students\[1\].args.mix: 'blend' is not one"),
+    (lambda d: d["demo"]["students"][1]["args"].update(lr="fast"), r"students\[1\].args.lr: 'fast' is not a valid"),
+    (lambda d: d["demo"]["eval"].update(baseline="nobody"), r"demo.eval.baseline: 'nobody' is not a student"),
+])
+def test_a_bad_key_or_type_is_one_line_naming_it(tmp_path, edit, message):
+    doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    edit(doc)
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match=message):
+        for pipeline in load_pipelines(path).values():
+            check_pipeline(pipeline)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--file", str(path), "--check"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def quick_file(tmp_path: Path, epochs: int = 1) -> Path:
+    """demo-quick with every path under tmp_path (absolute paths are kept as they are by the runner)."""
+    doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["demo-quick"]
+    doc["runs"] = str(tmp_path / "runs")
+    doc["dataset"]["out"] = str(tmp_path / "shards" / "quick")
+    doc["labeler"]["out"] = str(tmp_path / "runs" / "labeler")
+    doc["students"][-1]["epochs"] = epochs
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"demo-quick": doc}))
+    return path
+
+
+def run(path: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "demo-quick", "--file", str(path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path):
+    path = quick_file(tmp_path)
+    out = run(path)
+    runs = tmp_path / "runs"
+    for name in ("baseline", "vit_p8", "vit_p16"):
+        assert (runs / name / "eval.json").is_file() and (runs / name / "last.pt").is_file()
+    assert len(list((runs / "pictures").glob("*.png"))) == 2
+    summary = (runs / "summary.md").read_text()
+    assert "| vit_p16 | vit_tiny_patch16_224 | yes |" in summary and "token_fg_acc" in summary
+    assert "== demo-quick: dump" in out
+
+    again = run(path)
+    assert "== demo-quick:" not in again and again.count("skipped (up to date)") >= 8
+
+    quick_file(tmp_path, epochs=2)  # only the vit_p16 student and its evaluation change
+    changed = run(path)
+    assert "== demo-quick: student-vit_p16" in changed and "== demo-quick: eval-vit_p16" in changed
+    assert "== demo-quick: student-vit_p8" not in changed and "== demo-quick: dump" not in changed

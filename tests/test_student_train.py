@@ -1,0 +1,251 @@
+"""The student trainer end to end: each family learns, exact resume, DDP, online teacher, every mode, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from dump.lvvit import import_lvvit
+from labeler.checkpoint import read_checkpoint, save_checkpoint
+from shards.build import build
+from shards.demo import build_demo
+from shards.reader import split_keys
+from train.eval import main as eval_main
+from train.student import Run, build_parser, check_args, main
+
+REPO = Path(__file__).resolve().parents[1]
+K = 10
+TIME_KEYS = ("train_time", "train_samples_per_s", "time")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stored_map(key: str, rng: np.random.Generator) -> np.ndarray:
+    """LV-ViT's [2, k=3, 8, 8] float16 file: the image's class on top (noisy logits), then two other classes."""
+    cls = int(key.split("/")[0])
+    scores = np.sort(rng.normal(size=(3, 8, 8)), axis=0)[::-1] + np.array([2.0, 0.0, 0.0])[:, None, None]
+    classes = np.stack([np.full((8, 8), (cls + i) % K) for i in range(3)])
+    return np.stack([scores, classes]).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """Demo shards (train: 2 shards of 8, val: 8) and a store of 8x8 maps for 64 px inputs, imported from .pt files."""
+    root = tmp_path_factory.mktemp("data") / "demo"
+    build_demo(root, train=16, val=8, per_shard=8)
+    files = tmp_path_factory.mktemp("lvvit")
+    rng = np.random.default_rng(0)
+    for key in split_keys(root, "train"):
+        (files / key).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.from_numpy(stored_map(key, rng)), files / f"{key}.pt")
+    store = root / "labels" / "maps.zarr"
+    import_lvvit(files, store, root, input_size=64)
+    return root, store
+
+
+def argv(labels: Path, out: Path, *flags: str) -> list[str]:
+    """A short CPU run: batch 8 (two steps an epoch), one epoch, no workers, clean final eval; flags override."""
+    return ["--labels", str(labels), "--model", "fan_demo_tiny_p8", "--epochs", "1", "--out", str(out),
+            "--batch-size", "8", "--workers", "0", "--final-corruptions", "none", *flags]
+
+
+def make_run(*args: str) -> Run:
+    parsed = build_parser().parse_args(list(args))
+    check_args(parsed)
+    return Run(parsed)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+
+
+def labeler_checkpoint(path: Path, num_classes: int = K) -> Path:
+    torch.manual_seed(1)
+    model = timm.create_model("fan_demo_tiny_p8", num_classes=num_classes)
+    save_checkpoint(path, model_name="fan_demo_tiny_p8", num_classes=num_classes, img_size=64, model=model,
+                    ema=model)
+    return path
+
+
+@pytest.mark.parametrize("model, flags", [
+    ("fan_demo_tiny_p8", []),
+    ("vit_tiny_patch16_224", ["--patch-size", "16"]),  # a 4x4 token grid under the store's 8x8 maps
+    ("volo_d1_224", []),  # tokens on the stride-16 grid (4x4), MixToken on the stride-8 patch embedding
+])
+def test_each_student_family_lowers_the_loss(dataset, tmp_path, model, flags):
+    _, store = dataset
+    # the same full view of each image every epoch and no noise: six steps must fit the training batch better
+    run = make_run(*argv(store, tmp_path, "--model", model, "--epochs", "3", "--lr", "1e-3", "--min-lr", "1e-3",
+                         "--warmup-epochs", "0", "--weight-decay", "0", "--drop-path", "0", "--target", "softmax",
+                         "--smoothing", "0", "--aa", "none", "--reprob", "0", "--crop-scale", "1", "--hflip", "0",
+                         *flags))
+    assert run.grid == ((8, 8) if model.startswith("fan") else (4, 4))
+    batch = next(iter(run.loader()))
+    with torch.no_grad():
+        before, parts = run.runner.loss(batch, 0, 0)
+    assert set(parts) == {"cls", "token"}
+    run.run()
+    with torch.no_grad():
+        after, _ = run.runner.loss(batch, 0, 0)
+    assert after < 0.9 * before, (model, float(before), float(after))
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2, 3]
+    assert read_checkpoint(tmp_path / "last.pt")["train_state"]["step"] == 6
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] >= 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    _, store = dataset
+    flags = ["--epochs", "2", "--mix", "cutmix", "--target", "gumbel", "--drop-path", "0.1"]
+    main(argv(store, tmp_path / "straight", *flags))
+    main(argv(store, tmp_path / "resumed", *flags, "--stop-after", "1"))
+    assert len(metrics(tmp_path / "resumed")) == 1 and not (tmp_path / "resumed" / "eval.json").exists()
+    main(argv(store, tmp_path / "resumed", *flags, "--workers", "1"))  # workers do not change a sample
+
+    a, b = (read_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "resumed"))
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 4
+    for name in ("state_dict", "ema"):
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert without_times(metrics(tmp_path / "straight")) == without_times(metrics(tmp_path / "resumed"))
+    evals = [json.loads((tmp_path / run / "eval.json").read_text()) for run in ("straight", "resumed")]
+    assert [{k: v for k, v in e.items() if k != "checkpoint"} for e in evals] == \
+        [{k: v for k, v in evals[0].items() if k != "checkpoint"}] * 2
+
+
+def test_resume_refuses_changed_flags(dataset, tmp_path, capsys):
+    _, store = dataset
+    main(argv(store, tmp_path, "--epochs", "2", "--stop-after", "1", "--max-steps", "1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(store, tmp_path, "--epochs", "2", "--max-steps", "1", "--lr", "0.01"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'last.pt'}: trained with --lr 0.001, this run has 0.01; resume with the checkpoint's "
+        "flags (1 differ) or use another --out"]
+
+
+def test_ddp_first_step_matches_one_process_on_the_global_batch(dataset, tmp_path):
+    """torchrun, gloo, 2 CPU processes of batch 8 (one train shard each) vs one process of batch 16: one step."""
+    _, store = dataset
+    flags = ["--model", "vit_tiny_patch16_224", "--patch-size", "16", "--max-steps", "1", "--mix", "none",
+             "--target", "softmax", "--drop-path", "0", "--aa", "none", "--opt", "sgd", "--lr", "0.1",
+             "--warmup-epochs", "0", "--weight-decay", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train.student", *argv(store, tmp_path / "ddp", *flags)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main(argv(store, tmp_path / "one", *flags, "--batch-size", "16"))
+
+    (ddp,), (one,) = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    for key in ("train_loss", "train_loss_cls", "train_loss_token"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
+    assert ddp["top1"] == one["top1"]
+    initial = make_run(*argv(store, tmp_path / "init", *flags)).student.state_dict()
+    a, b = (read_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("ddp", "one"))
+    for key in a:  # SGD: the update is linear in the gradient, so DDP's averaged gradient must match closely
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    assert sum(float((a[key] - initial[key]).abs().sum()) for key in a) > 1.0
+
+
+def test_online_labeler_makes_the_targets_without_a_store(tmp_path):
+    root = tmp_path / "bare"  # a dataset with no labels/ folder at all
+    build_demo(root, train=16, val=8, per_shard=8)
+    ckpt = labeler_checkpoint(tmp_path / "labeler.pt")
+    run = make_run(*argv(root, tmp_path / "run", "--online-labeler", str(ckpt), "--model", "vit_tiny_patch16_224",
+                         "--patch-size", "8", "--target", "softmax", "--smoothing", "0", "--aa", "none",
+                         "--reprob", "0"))
+    assert run.train_data.store is None and run.grid == (8, 8)
+    batch = next(iter(run.loader()))
+    assert torch.equal(batch["clean"], batch["image"])  # no photometric op: the teacher sees the student's view
+    tokens, valid, _ = run.runner.targets(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, logits, grid = run.labeler.forward_dense(batch["clean"])
+    expected = logits.softmax(-1).transpose(1, 2).unflatten(2, grid)
+    assert valid.all() and torch.allclose(tokens, expected, atol=1e-6)
+
+    main(argv(root, tmp_path / "cli", "--online-labeler", str(ckpt), "--model", "vit_tiny_patch16_224",
+              "--patch-size", "16", "--max-steps", "1"))
+    (record,) = metrics(tmp_path / "cli")
+    assert np.isfinite(record["train_loss_token"]) and record["train_loss_token"] > 0
+
+
+@pytest.mark.parametrize("flags", [
+    ["--tl-align", "paper"],
+    ["--tl-align", "dense"],
+    ["--tl-align", "dense", "--mix", "mixtoken"],
+    ["--tl-align", "paper", "--mix", "cutmix"],
+    ["--mix", "mixtoken"],
+    ["--mix", "cutmix"],
+    ["--mix", "mixup"],
+    ["--mix", "both"],
+    ["--target", "argmax"],
+    ["--target", "softmax"],
+    ["--target", "gumbel", "--tau", "0.5"],
+    ["--map-weight", "0.5", "--clip-grad", "1.0"],
+    ["--no-token-labels"],
+    ["--no-token-labels", "--mix", "mixtoken"],
+    ["--no-token-labels", "--tl-align", "paper"],
+], ids=" ".join)
+def test_each_mode_takes_a_step(dataset, tmp_path, flags):
+    _, store = dataset
+    run = make_run(*argv(store, tmp_path, "--model", "vit_tiny_patch16_224", "--patch-size", "16", *flags))
+    before = [p.detach().clone() for p in run.student.parameters()]
+    parts = run.runner.step(next(iter(run.loader())), 0, 0)
+    assert all(np.isfinite(v) for v in parts.values())
+    assert ("loss_token" in parts) == ("--no-token-labels" not in flags)
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.student.parameters()))
+
+
+def other_class_count_dataset(root: Path) -> Path:
+    """A 3-class ImageFolder built into shards, holding a copy of a 10-class store."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in "abc":
+            (root / "folder" / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "folder" / split / c / "0.png")
+    build(root / "folder", root / "shards", per_shard=8, seed=0, overwrite=False)
+    return root / "shards"
+
+
+def test_one_line_errors(dataset, tmp_path, capsys):
+    root, store = dataset
+    three = other_class_count_dataset(tmp_path / "three")
+    (three / "labels").mkdir()
+    os.symlink(store, three / "labels" / "maps.zarr")
+    cases = [
+        (main, argv(store, tmp_path / "a", "--model", "vit_nope_patch16"), "unknown model 'vit_nope_patch16'"),
+        (main, argv(store, tmp_path / "b", "--resume", str(tmp_path / "missing.pt")), "checkpoint not found"),
+        (main, argv(root, tmp_path / "c", "--online-labeler", str(tmp_path / "missing.pt")), "checkpoint not found"),
+        (main, argv(three / "labels" / "maps.zarr", tmp_path / "d"), "the store has 10 classes, the shards 3"),
+        (main, argv(root, tmp_path / "e", "--online-labeler", str(labeler_checkpoint(tmp_path / "k3.pt", 3))),
+         "labeler has 3 classes, the shards 10"),
+        (main, argv(store, tmp_path / "f", "--final-corruptions", "fog", "fgo"), "unknown corruption 'fgo'"),
+        (main, argv(store, tmp_path / "g", "--batch-size", "17"), "fewer than --batch-size 17"),
+        (eval_main, [str(tmp_path / "missing.pt"), "--shards", str(root)], "checkpoint not found"),
+    ]
+    capsys.readouterr()
+    for command, args, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            command(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2, args
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
