@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict, refusing files that are missing or not ours with one clear line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; pass the last.pt written by `python -m labeler.train`")
+        raise UserError(f"{path}: checkpoint not found; pass a last.pt written by labeler.train or train.student")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a damaged file

@@ -33,17 +33,17 @@ def glyph_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth random colour field plus fine grain: background that is not trivially flat."""
-    coarse = rng.uniform(0.15, 0.85, size=(4, 4, 3))
+    coarse = rng.uniform(0.25, 0.75, size=(4, 4, 3))
     field = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32)
-    grain = rng.normal(0, 8, size=(size, size, 1))
-    stripes = 12 * np.sin(np.arange(size)[:, None, None] * rng.uniform(0.3, 1.2) + rng.uniform(0, 6.3))
+    grain = rng.normal(0, 5, size=(size, size, 1))
+    stripes = 6 * np.sin(np.arange(size)[:, None, None] * rng.uniform(0.3, 1.2) + rng.uniform(0, 6.3))
     return field + grain + stripes
 
 
 def stamp(glyph: np.ndarray, side: int) -> np.ndarray:
-    """The glyph resized to side x side as coverage in [0,1]."""
-    img = Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
-    return np.asarray(img, np.float32) / 255.0
+    """The glyph resized to side x side as coverage in [0,1], with crisp strokes."""
+    img = Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
+    return np.clip((np.asarray(img, np.float32) / 255.0 - 0.25) * 2.0, 0.0, 1.0)
 
 
 def place(rng: np.random.Generator, side: int, size: int, taken: list[tuple[int, int, int]]) -> tuple[int, int]:
@@ -66,14 +66,14 @@ def compose(rng: np.random.Generator, glyphs: np.ndarray, by_digit: list[np.ndar
     others = rng.choice([d for d in range(10) if d != target], size=int(rng.integers(2, 4)), replace=False)
     layers = []
     for digit in others:
-        side = int(rng.integers(size // 6, size // 3.6))
+        side = int(rng.integers(size // 7, size // 4))
         taken.append((*place(rng, side, size, taken), side))
-        layers.append((int(digit), taken[-1], rng.uniform(0.55, 0.9)))
+        layers.append((int(digit), taken[-1], rng.uniform(0.45, 0.75)))
     layers.append((target, taken[0], 1.0))  # drawn last, on top
     for digit, (y, x, side), strength in layers:
         cover = stamp(glyphs[rng.choice(by_digit[digit])], side)
         colour = rng.uniform(0, 255, size=3)
-        while abs(colour.mean() - canvas[y:y + side, x:x + side].mean()) < 60:  # keep digits visible
+        while abs(colour.mean() - canvas[y:y + side, x:x + side].mean()) < 80:  # keep digits visible
             colour = rng.uniform(0, 255, size=3)
         alpha = (cover * strength)[..., None]
         canvas[y:y + side, x:x + side] = canvas[y:y + side, x:x + side] * (1 - alpha) + colour * alpha

@@ -11,8 +11,10 @@ from timm.data.auto_augment import NAME_TO_OP, AugmentOp, rand_augment_transform
 
 from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
 from train.geometry import (
+    cell_taps,
     crop_mapping,
     hflip_mapping,
+    map_coordinates,
     resample_maps,
     rotate_mapping,
     shear_mapping,
@@ -175,6 +177,52 @@ def test_bilinear_reproduces_a_linear_map():
         assert (valid[i].numpy() == inside).all()
         np.testing.assert_allclose(out[i, 0].numpy()[inside], np.clip(u, 0.5, mw - 0.5)[inside], atol=1e-9)
         np.testing.assert_allclose(out[i, 1].numpy()[inside], np.clip(v, 0.5, mh - 0.5)[inside], atol=1e-9)
+
+
+@pytest.mark.parametrize("points", [1, 2])
+def test_nearest_taps_are_the_cells_of_the_points(points):
+    map_hw, grid, size, image_wh = (18, 18), (14, 14), 224, (240, 180)
+    mappings = random_mappings(np.random.default_rng(3), image_wh, size, 8)
+    footprint = center_square(*image_wh, crop_pct=0.875)
+    cells, weights, count = cell_taps(torch.tensor(np.stack(mappings)), torch.tensor(footprint), map_hw, size, grid,
+                                      points)
+    assert cells.shape == weights.shape == (len(mappings), points**2, *grid) and count.shape == (len(mappings), 1, *grid)
+    outside = 0
+    for i, m in enumerate(mappings):
+        for r, row in enumerate(expected_cells(m, footprint, map_hw, size, grid, points)):
+            for c, hits in enumerate(row):
+                inside = weights[i, :, r, c] == 1
+                assert ((weights[i, :, r, c] == 0) | inside).all()
+                assert cells[i, :, r, c][inside].tolist() == hits
+                assert ((cells[i, :, r, c] >= 0) & (cells[i, :, r, c] < 18 * 18)).all()
+                assert count[i, 0, r, c] == max(len(hits), 1)
+                outside += len(hits) < points**2
+    assert outside > 0
+
+
+def test_bilinear_taps_reproduce_a_linear_map_and_resample_maps():
+    mh, mw, size, grid = 6, 10, 96, (12, 12)
+    image_wh = (320, 200)
+    footprint = torch.tensor([20.0, 10.0, 300.0, 178.0])
+    mappings = torch.tensor(np.stack(random_mappings(np.random.default_rng(4), image_wh, size, 6)))
+    cells, weights, count = cell_taps(mappings, footprint, (mh, mw), size, grid, points=2, mode="bilinear")
+    assert cells.shape == (len(mappings), 16, *grid)
+    assert ((cells >= 0) & (cells < mh * mw)).all() and (weights >= 0).all()
+    # per point, the weights of its four taps sum to 1 inside the footprint and 0 outside, and average the
+    # cell centres to the point itself (clamped to the outer centres)
+    per_point = weights.view(len(mappings), 4, 4, *grid).sum(1)
+    uv = map_coordinates(mappings, footprint, (mh, mw), size, grid, points=2)
+    inside = ((uv >= 0) & (uv < torch.tensor([mw, mh]))).all(-1)
+    torch.testing.assert_close(per_point, inside.double(), rtol=0, atol=1e-12)
+    centres = torch.stack([cells % mw + 0.5, cells // mw + 0.5], -1).double()
+    mean = (weights[..., None] * centres).view(len(mappings), 4, 4, *grid, 2).sum(1)
+    want = torch.minimum(uv.clamp(min=0.5), torch.tensor([mw - 0.5, mh - 0.5], dtype=torch.float64))
+    torch.testing.assert_close(mean[inside], want[inside], rtol=0, atol=1e-9)
+    # and the same taps applied to random per-cell distributions give resample_maps' bilinear tokens
+    probs = torch.rand(len(mappings), 3, mh, mw, dtype=torch.float64)
+    dense, _ = resample_maps(probs, mappings, footprint, size, grid, points=2, mode="bilinear")
+    read = probs.flatten(2).gather(2, cells.flatten(1)[:, None].expand(-1, 3, -1)).view(len(mappings), 3, 16, *grid)
+    torch.testing.assert_close((read * weights[:, None]).sum(2) / count, dense, rtol=0, atol=1e-12)
 
 
 def test_skipped_rows_give_invalid_tokens():

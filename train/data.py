@@ -2,8 +2,8 @@
 
 In the DataLoader workers each sample gets its row of the store (joined by its row index, one whole tar-shard
 chunk read per shard) and its augmented image with the one mapping (output pixel -> original image) that its
-spatial transforms compose to. On the training device, `token_label_targets` densifies the stored top-k maps,
-resamples them through each mapping onto the student's token grid and draws the token targets, batched.
+spatial transforms compose to. On the training device, `token_label_targets` resamples the stored top-k maps
+through each mapping onto the student's token grid and draws the token targets, batched.
 Augmentation is seeded per (seed, epoch, sample row), so a sample looks the same whatever the number of
 workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
 """
@@ -23,8 +23,8 @@ from shards.errors import UserError
 from shards.manifest import MANIFEST, load_manifest
 from shards.reader import ShardReader
 from train.augment import LabelAwareTransform
-from train.geometry import resample_maps, warp_image
-from train.targets import densify, token_targets
+from train.geometry import warp_image
+from train.targets import stored_token_targets
 
 
 def resolve_labels(path: str | Path, need_store: bool = True) -> tuple[Path, Path | None]:
@@ -121,10 +121,14 @@ def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_si
                         kind: str = "gumbel", tau: float = 1.0, smoothing: float = 0.1, points: int = 2,
                         generator: torch.Generator | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token targets [B, K, h, w], valid [B, h, w], token distributions [B, K, h, w]) for a batch on device."""
-    probs = densify(batch["scores"], batch["classes"], num_classes)
-    token_probs, valid = resample_maps(probs, batch["mapping"], batch["footprint"], img_size, grid, points)
-    return token_targets(token_probs, kind, tau, smoothing, generator), valid, token_probs
+    """(token targets [B, K, h, w], valid [B, h, w], token distributions [B, K, h, w]) for a batch on device.
+
+    Works on the stored top-k directly (train.targets.stored_token_targets): the dense [B, K, H, W] map is never
+    built, only the token-level outputs.
+    """
+    return stored_token_targets(batch["scores"], batch["classes"], batch["mapping"], batch["footprint"], num_classes,
+                                img_size, grid, kind=kind, tau=tau, smoothing=smoothing, points=points,
+                                generator=generator)
 
 
 def clean_view(image: Image.Image, mapping: np.ndarray, img_size: int, size: int,

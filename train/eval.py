@@ -38,15 +38,25 @@ SEVERITIES = (1, 3, 5)
 EVAL_JSON = "eval.json"
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A labeler or student checkpoint's model with its EMA weights, in eval mode, and its identity."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               img_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A labeler or student checkpoint's model with its EMA weights, in eval mode, and its identity.
+
+    A student is built for `img_size` (default: the size it was trained at); one whose weights are tied to its
+    training size (position embeddings of timm ViTs and VOLO) is refused at another size.
+    """
     ckpt = read_checkpoint(path)
     if ckpt.get("kind", "labeler") == "labeler":
         return load_labeler(path, device)
     from train.students import build_student
 
-    model = build_student(ckpt["model"], ckpt["num_classes"], ckpt["img_size"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["ema"])
+    size = img_size or ckpt["img_size"]
+    model = build_student(ckpt["model"], ckpt["num_classes"], size, **ckpt["model_kwargs"])
+    try:
+        model.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: {ckpt['model']} was trained at {ckpt['img_size']} px and its weights do not fit "
+                        f"{size} px ({str(e).splitlines()[-1].strip()}); evaluate without --img-size") from e
     meta = {k: ckpt[k] for k in ("model", "num_classes", "img_size")}
     return model.to(device).eval(), meta
 
@@ -81,7 +91,7 @@ class EvalTransform:
 
 
 def check_corruptions(names: Sequence[str], severities: Sequence[int] = SEVERITIES) -> tuple[str, ...]:
-    """The corruption names of a command line, checked against corrupt-tta's (`none` alone: clean only)."""
+    """The corruption names of a command line, checked against corrupt-tta's (none, or `none` alone: clean only)."""
     names = () if list(names) == ["none"] else tuple(names)
     unknown = [name for name in names if name not in corruption_dict]
     if unknown:
@@ -191,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS),
-                        help="names from corrupt-tta, or none for clean only (default: %(default)s)")
+    parser.add_argument("--corruptions", nargs="*", default=list(CORRUPTIONS),
+                        help="names from corrupt-tta; none or no name: clean only (default: %(default)s)")
     parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES),
                         help="ImageNet-C severities 1-5 (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, help="run folder or eval JSON of the baseline for mCE")
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = read_eval(args.baseline) if args.baseline else None
     if baseline is not None:  # before the evaluation, not after it
         check_baseline(baseline, [f"{name}/{severity}" for name in corruptions for severity in args.severities])
-    model, meta = load_model(args.checkpoint, args.device)
+    model, meta = load_model(args.checkpoint, args.device, args.img_size)
     results = evaluate(model, args.shards, args.img_size or meta["img_size"], split=args.split, device=args.device,
                        batch_size=args.batch_size, workers=args.workers, corruptions=corruptions,
                        severities=tuple(args.severities))

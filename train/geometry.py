@@ -152,6 +152,17 @@ def map_coordinates(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: 
     return torch.stack([u, v], dim=-1)
 
 
+def _map_points(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: tuple[int, int],
+                img_size: int | tuple[int, int], grid: tuple[int, int], points: int,
+                mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sample points (u, v) [B, P, h, w, 2], which lie inside the footprint [B, P, h, w], and (W, H) float64."""
+    if mode not in RESAMPLE_MODES:
+        raise UserError(f"token label resampling mode {mode!r} is unknown; use one of {RESAMPLE_MODES}")
+    uv = map_coordinates(mappings, footprints, map_grid, img_size, grid, points)
+    size = uv.new_tensor([map_grid[1], map_grid[0]])
+    return uv, ((uv >= 0) & (uv < size)).all(-1), size
+
+
 def resample_maps(probs: torch.Tensor, mappings: torch.Tensor, footprints: torch.Tensor,
                   img_size: int | tuple[int, int], grid: tuple[int, int], points: int = 2,
                   mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +179,8 @@ def resample_maps(probs: torch.Tensor, mappings: torch.Tensor, footprints: torch
     Invalid tokens get all-zero distributions. Runs batched on the tensors' device (F.grid_sample with
     align_corners=False: normalised -1 and +1 are the map's outer edges, so u cells -> 2 u / W - 1).
     """
-    if mode not in RESAMPLE_MODES:
-        raise UserError(f"token label resampling mode {mode!r} is unknown; use one of {RESAMPLE_MODES}")
-    _, _, mh, mw = probs.shape
-    size = probs.new_tensor([mw, mh], dtype=torch.float64)
-    uv = map_coordinates(mappings.to(probs.device), footprints, (mh, mw), img_size, grid, points)
-    inside = ((uv >= 0) & (uv < size)).all(-1)  # [B, P, h, w]
+    uv, inside, size = _map_points(mappings.to(probs.device), footprints, probs.shape[2:], img_size, grid, points,
+                                   mode)
     # nearest: the centre of the cell a point falls in (no rounding ties inside grid_sample); bilinear: clamped
     # to the outer cell centres (border padding); outside points go far off the map, where zero padding reads 0
     uv = uv.floor() + 0.5 if mode == "nearest" else torch.clamp(uv, size.new_tensor(0.5), size - 0.5)
@@ -183,3 +190,34 @@ def resample_maps(probs: torch.Tensor, mappings: torch.Tensor, footprints: torch
     if points > 1:
         out /= inside.sum(1, keepdim=True).clamp(min=1).to(probs.dtype)
     return out, out.sum(1) > 0
+
+
+def cell_taps(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: tuple[int, int],
+              img_size: int | tuple[int, int], grid: tuple[int, int], points: int = 2,
+              mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`resample_maps` as a sparse operator: which cells each token reads, with what weight, and its divisor.
+
+    Returns cells [B, T, h, w] (int64, flat r * W + c), weights [B, T, h, w] (float64) and points inside
+    [B, 1, h, w] (float64, at least 1): a token's distribution is sum_t weights[t] map[cells[t]] / inside, as
+    resample_maps computes it (which divides only when points > 1). "nearest": T = points**2 taps, point-major,
+    weight 1 for a point inside the footprint, 0 outside. "bilinear": T = 4 points**2, the four cell centres
+    around each point (clamped to the outer centres as there) with their bilinear weights, 0 outside.
+    """
+    uv, inside, size = _map_points(mappings, footprints, map_grid, img_size, grid, points, mode)
+    mw = map_grid[1]
+    count = inside.sum(1, keepdim=True).clamp(min=1).to(uv.dtype)
+    if mode == "nearest":
+        cell = torch.minimum(uv.floor(), size - 1).clamp(min=0).long()
+        return cell[..., 1] * mw + cell[..., 0], inside.to(uv.dtype), count
+    x = torch.clamp(uv, size.new_tensor(0.5), size - 0.5) - 0.5  # in cell-centre units, in [0, W - 1]
+    lo = x.floor()
+    frac = x - lo
+    lo = lo.long()
+    hi = torch.minimum(lo + 1, size.long() - 1)  # at the last centre frac = 0: the clamped tap weighs nothing
+    ends = torch.stack([lo, hi])  # [2, B, P, h, w, 2]: the centres left/above and right/below
+    shares = torch.stack([1 - frac, frac])
+    cells = ends[:, None, ..., 1] * mw + ends[None, :, ..., 0]  # [2 (row), 2 (column), B, P, h, w]
+    weights = shares[:, None, ..., 1] * shares[None, :, ..., 0] * inside
+    b, p, h, w = inside.shape
+    return (cells.permute(2, 0, 1, 3, 4, 5).reshape(b, 4 * p, h, w),
+            weights.permute(2, 0, 1, 3, 4, 5).reshape(b, 4 * p, h, w), count)

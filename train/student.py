@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.05, help="decoupled weight decay (AdamW)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     a("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment config, or 'none'")
+    a("--color-jitter", type=float, default=0.4, help="colour-jitter strength, used only with --aa none (as timm); "
+                                                      "0: off")
     a("--reprob", type=float, default=0.25, help="random-erasing probability (image only)")
     a("--crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
     a("--hflip", type=float, default=0.5, help="horizontal flip probability")
@@ -98,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", help="default: cuda when available, else cpu")
     a("--resume", type=Path, help="checkpoint to resume from (default: OUT/last.pt when it exists)")
     a("--stop-after", type=int, help="stop after this many epochs in total (resumable)")
-    a("--final-corruptions", nargs="+", default=list(CORRUPTIONS),
-      help="ImageNet-C corruptions of the final evaluation (severities 1, 3, 5), or none for clean only")
+    a("--final-corruptions", nargs="*", default=list(CORRUPTIONS),
+      help="ImageNet-C corruptions of the final evaluation (severities 1, 3, 5); none or no name: clean only")
     a("--max-steps", type=int, help="cap on steps per epoch (smoke tests and benchmarks)")
     return p
 
@@ -119,7 +121,7 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError("--online-labeler and --no-token-labels exclude each other")
     if a.opt.lower() not in list_optimizers():
         raise UserError(f"--opt {a.opt}: not a timm optimizer; see timm.optim.list_optimizers()")
-    a.final_corruptions = list(check_corruptions(a.final_corruptions))
+    check_corruptions(a.final_corruptions)
 
 
 def setup_distributed(device_arg: str | None) -> tuple[torch.device, int, int]:
@@ -203,8 +205,9 @@ class Run:
         self.student = build_student(a.model, self.num_classes, self.img_size, **self.model_kwargs).to(self.device)
         self.grid = self.student.grid()
         transform = LabelAwareTransform(self.img_size, scale=(a.crop_scale, 1.0), hflip=a.hflip,
-                                        auto_augment=None if a.aa == "none" else a.aa, interpolation=a.interpolation,
-                                        re_prob=a.reprob, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                                        auto_augment=None if a.aa == "none" else a.aa, color_jitter=a.color_jitter,
+                                        interpolation=a.interpolation, re_prob=a.reprob,
+                                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
         # the online labeler sees the clean view at its own input size (STL: same crop and flips, no colour ops)
         self.train_data = StudentData(self.shards, store if token_labels else None, transform, seed=a.seed,
                                       clean_size=labeler_input)
@@ -324,7 +327,7 @@ class Run:
             if self.world > 1:
                 dist.barrier()
         if self.main_process and self.epoch == a.epochs:
-            results = self.evaluate(tuple(a.final_corruptions))
+            results = self.evaluate(check_corruptions(a.final_corruptions))
             results["checkpoint"] = str(a.out / "last.pt")
             (a.out / EVAL_JSON).write_text(json.dumps(results, indent=1) + "\n")
             print(f"{a.out / EVAL_JSON}: top1 {results['top1']:.2f}, top1_combined {results['top1_combined']:.2f}"
