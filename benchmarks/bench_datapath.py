@@ -12,7 +12,8 @@ Table 1, per sample, in one process (CPU time; wall time on CUDA), in shard orde
 image path (tar read and decode, the seeded augmentation, collating the image) against the label path (the
 store read, whole-shard chunk reads and the store's opening amortised; the worker's bookkeeping: drawing and
 composing the mapping, which the image path also does, so this is an upper bound, the footprint and collating
-the label fields; then per batch densify, resample at points=1 and 2, and the Gumbel draw of token targets).
+the label fields; then per batch token_label_targets at points=1 and 2: resampling the stored top-k through
+each mapping onto the token grid and the Gumbel draw of the token targets).
 Goal: label < 10% of image.
 
 Table 2, the whole loader as the trainer builds it (DataLoader over StudentData, batch, drop_last, workers 0
@@ -50,8 +51,6 @@ from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
 from train.augment import LabelAwareTransform
 from train.data import StoreJoin, StudentData, seed_sample, token_label_targets
-from train.geometry import resample_maps
-from train.targets import densify, token_targets
 
 
 @dataclass(frozen=True)
@@ -182,21 +181,17 @@ def breakdown_pass(root: Path, store: Path, geo: Geometry, batch: int, device: t
                 default_collate(list(images))
             with clock("collate labels"):
                 b = {k: v.to(device) for k, v in default_collate(list(labels)).items()}
-            with clock("densify"):
-                probs = densify(b["scores"], b["classes"], geo.num_classes)
-            with clock("resample p=1"):
-                resample_maps(probs, b["mapping"], b["footprint"], geo.img_size, geo.grid, 1)
-            with clock("resample p=2"):
-                token_probs, _ = resample_maps(probs, b["mapping"], b["footprint"], geo.img_size, geo.grid, 2)
-            with clock("gumbel sampling"):
-                token_targets(token_probs, "gumbel", 1.0, 0.1, generator)
-    per_batch = ("collate image", "collate labels", "densify", "resample p=1", "resample p=2", "gumbel sampling")
+            for points in (1, 2):
+                with clock(f"token targets p={points}"):
+                    token_label_targets(b, geo.num_classes, geo.img_size, geo.grid, points=points,
+                                        generator=generator)
+    per_batch = ("collate image", "collate labels", "token targets p=1", "token targets p=2")
     return {k: v / (batched if k in per_batch else samples) for k, v in clock.totals.items()}
 
 
 IMAGE_PARTS = ("read + decode", "augment", "collate image")
-LABEL_PARTS = ("store read", "mapping (also in augment) + footprint", "collate labels", "densify", "resample p=1",
-               "resample p=2", "gumbel sampling")
+LABEL_PARTS = ("store read", "mapping (also in augment) + footprint", "collate labels", "token targets p=1",
+               "token targets p=2")
 
 
 def breakdown_rows(geo: Geometry, root: Path, store: Path, args: argparse.Namespace,
@@ -213,7 +208,7 @@ def breakdown_rows(geo: Geometry, root: Path, store: Path, args: argparse.Namesp
     rows = [row("image", k, ms[k]) for k in IMAGE_PARTS] + [row("image", "**total**", image)]
     rows += [row("label", k, ms[k]) for k in LABEL_PARTS]
     for points in (2, 1):
-        label = sum(ms[k] for k in LABEL_PARTS if not k.startswith("resample")) + ms[f"resample p={points}"]
+        label = sum(ms[k] for k in LABEL_PARTS if not k.startswith("token targets")) + ms[f"token targets p={points}"]
         rows.append(row("label", f"**total, points={points}**", label, bold=True))
     return rows
 

@@ -294,8 +294,8 @@ def fan_large_16_p4_hybrid(pretrained: bool = False, **kwargs) -> FAN:
 
 @register_model
 def fan_demo_tiny_p8(pretrained: bool = False, **kwargs) -> FAN:
-    """Demo-sized FAN-ViT: stride 8 (an 8x8 grid at 64x64), width 128, 6 FAN blocks."""
-    model_args = dict(patch_size=8, embed_dim=128, depth=6, num_heads=4)
+    """Demo-sized FAN-ViT: stride 8 (an 8x8 grid at 64x64), width 128, 4 FAN blocks with MLP ratio 2."""
+    model_args = dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
     return _create_fan("fan_demo_tiny_p8", pretrained, model_args, **kwargs)
 
 

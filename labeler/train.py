@@ -39,10 +39,10 @@ from shards.reader import ShardReader, load_manifest
 # STL's FAN-TL recipe (scripts/fan_token_labeler, per-GPU batch) and the recipe for the demo models on 2 CPU cores.
 RECIPES: dict[str, dict[str, Any]] = {
     "stl": dict(epochs=350, batch_size=128, lr=2e-3, warmup_epochs=5, weight_decay=0.05, drop_path=0.05,
-                smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.3, crop_scale=0.08,
-                hflip=0.5, ema_decay=0.99992),
-    "demo": dict(epochs=6, batch_size=64, lr=2e-3, warmup_epochs=1, weight_decay=0.05, drop_path=0.0,
-                 smoothing=0.1, mixup=0.0, cutmix=0.0, aa="rand-m5-mstd0.5-inc1", reprob=0.0, crop_scale=0.5,
+                smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.3,
+                crop_scale=0.08, hflip=0.5, ema_decay=0.99992),
+    "demo": dict(epochs=12, batch_size=32, lr=1e-3, warmup_epochs=1, weight_decay=0.05, drop_path=0.0,
+                 smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", color_jitter=0.0, reprob=0.0, crop_scale=1.0,
                  hflip=0.0, ema_decay=0.998),
 }
 
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixup", type=float, help=recipe_help("Mixup alpha (0 = off)", "mixup"))
     p.add_argument("--cutmix", type=float, help=recipe_help("CutMix alpha (0 = off)", "cutmix"))
     p.add_argument("--aa", help=recipe_help("timm RandAugment config, or 'none'", "aa"))
+    p.add_argument("--color-jitter", type=float,
+                   help=recipe_help("colour-jitter strength, used only when --aa is 'none'", "color_jitter"))
     p.add_argument("--reprob", type=float, help=recipe_help("random-erasing probability", "reprob"))
     p.add_argument("--crop-scale", type=float, help=recipe_help("smallest area share of RandomResizedCrop", "crop_scale"))
     p.add_argument("--hflip", type=float, help=recipe_help("horizontal flip probability", "hflip"))
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train_tf = create_transform(
         img_size, is_training=True, scale=(args.crop_scale, 1.0), hflip=args.hflip,
-        auto_augment=None if args.aa == "none" else args.aa, interpolation=cfg["interpolation"],
+        auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter, interpolation=cfg["interpolation"],
         mean=cfg["mean"], std=cfg["std"], re_prob=args.reprob, re_mode="pixel")
     train_set = ShardReader(args.shards, "train", shuffle=True, seed=args.seed, transform=TrainTransform(train_tf))
     val_set = ShardReader(args.shards, "val", transform=EvalTransform(

@@ -194,8 +194,7 @@ def read_eval(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="DIR/last.pt of labeler.train or train.student")
     parser.add_argument("--shards", type=Path, required=True)
@@ -210,7 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     corruptions = check_corruptions(args.corruptions, args.severities)
     baseline = read_eval(args.baseline) if args.baseline else None
     if baseline is not None:  # before the evaluation, not after it
