@@ -51,7 +51,7 @@ def recipe_for(model_name: str) -> str:
     return "demo" if "demo" in model_name else "stl"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     def recipe_help(text: str, key: str) -> str:
         return f"{text} (default: {RECIPES['stl'][key]}; demo models: {RECIPES['demo'][key]})"
 
@@ -87,7 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, help="checkpoint to resume from (default: OUT/last.pt when it exists)")
     p.add_argument("--stop-after", type=int, help="stop after this many epochs in total, leaving a checkpoint that "
                                                    "a later run with the same arguments resumes from")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with the model's recipe (STL's, or the demo one) filling what was not given."""
+    args = build_parser().parse_args(argv)
     for key, value in RECIPES[recipe_for(args.model)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -149,7 +149,7 @@ class Runner:
         lines += [f"| {n} | {s} | {t:.0f} |" for n, s, t in self.summary]
         lab = last_metrics(ROOT / self.p.labeler.out / "metrics.jsonl")
         lines += ["", f"labeler {self.p.labeler.model}: top1 {fmt(lab.get('top1'))}, "
-                      f"token_fg_acc {fmt(lab.get('token_fg_acc'))}, store {self.store.relative_to(ROOT)}", "",
+                      f"token_fg_acc {fmt(lab.get('token_fg_acc'))}, store {self.store}", "",
                   "| student | model | token labels | top1 | top1 combined | corrupt acc | mCE | fg token acc | train s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in self.p.students:
