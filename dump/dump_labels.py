@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import sys
-import tarfile
 import threading
 import time
 from collections import deque
@@ -38,7 +37,6 @@ import zarr
 from PIL import Image
 from timm.data import resolve_model_data_config
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext
 
 from dump.store import (
     create_store,
@@ -56,7 +54,7 @@ from dump.store import (
 from labeler.checkpoint import load_labeler
 from shards.errors import UserError, cli
 from shards.manifest import Manifest, load_manifest
-from shards.reader import ON_ERROR, SkipLog, read_shard
+from shards.reader import ON_ERROR, SkipLog, read_shard, shard_keys
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 MAX_RETRIES = 3  # actor restarts and task retries when a worker process dies
@@ -96,20 +94,6 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys of one tar in order, from member headers only; stops quietly where a tar is truncated."""
-    keys: list[str] = []
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _ = base_plus_ext(member.name)
-                if key is not None and (not keys or keys[-1] != key):
-                    keys.append(key)
-    except (OSError, EOFError, tarfile.TarError):
-        pass
-    return keys
 
 
 @dataclass(frozen=True)
@@ -163,7 +147,7 @@ class ShardLabeler:
         shape = (count, *scores.shape[1:])
         out_scores, out_classes = np.full(shape, np.nan, np.float16), np.full(shape, -1, classes.dtype)
         valid = np.zeros(count, np.uint8)
-        keys = tar_keys(job.manifest.root / filename)
+        keys = shard_keys(job.manifest.root / filename)
         skips = SkipLog()
         with torch.inference_mode():
             for rows, x in prefetch(self.batches(filename, skips)):

@@ -182,14 +182,21 @@ def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[
     yield from buffer
 
 
+def shard_keys(path: str | Path) -> list[str]:
+    """Sample keys of one tar in order, from member headers only (no decoding); stops where a tar is truncated."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _ = base_plus_ext(member.name)
+                if key is not None and (not keys or keys[-1] != key):
+                    keys.append(key)
+    except (OSError, EOFError, tarfile.TarError):
+        pass
+    return keys
+
+
 def split_keys(root: str | Path, split: str) -> list[str]:
     """The split's keys in shard order, read from tar headers only (no decoding)."""
     manifest = load_manifest(root)
-    keys: list[str] = []
-    for name, _ in manifest.shards(split):
-        with tarfile.open(manifest.root / name) as tar:
-            for member in tar.getnames():
-                key, _ = base_plus_ext(member)
-                if key is not None and (not keys or keys[-1] != key):
-                    keys.append(key)
-    return keys
+    return [key for name, _ in manifest.shards(split) for key in shard_keys(manifest.root / name)]
