@@ -38,7 +38,7 @@ def test_parameter_count_matches_published(name):
 def test_demo_models_are_small_and_registered(name):
     assert name in timm.list_models("fan_*demo*")
     model = timm.create_model(name, num_classes=10)
-    assert 1e6 < _count(model) < 3e6
+    assert 5e5 < _count(model) < 3e6
     assert model.pretrained_cfg["input_size"] == (3, 64, 64)
 
 
@@ -92,7 +92,7 @@ def test_attention_layout_matches_timm_vit():
     assert isinstance(attn.q_norm, torch.nn.Identity) and isinstance(attn.k_norm, torch.nn.Identity)
     cls_attn = model.cls_attn_blocks[0].attn
     assert isinstance(cls_attn, timm.models.cait.ClassAttn)
-    assert len(model.cls_attn_blocks) == 2 and len(model.blocks) == 6
+    assert len(model.cls_attn_blocks) == 2 and len(model.blocks) == 4
     seen = {}
 
     def record(name):
