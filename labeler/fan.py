@@ -101,12 +101,12 @@ class ConvNeXtEmbed(nn.Module):
 
     def __init__(self, in_chans: int, embed_dim: int, depths: tuple[int, ...] = (3, 3),
                  dims: tuple[int, ...] = (128, 256), stem_stride: int = 4, proj_stride: int = 2,
-                 ls_init_value: float = 1e-6):
+                 ls_init_value: float = 1e-6, norm_layer: type[nn.Module] = LayerNorm2d):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stem_stride), LayerNorm2d(dims[0]))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stem_stride), norm_layer(dims[0]))
         self.stages = nn.Sequential(*(
             ConvNeXtStage(dims[max(i - 1, 0)], dims[i], stride=1 if i == 0 else 2, depth=depth,
-                          ls_init_value=ls_init_value, conv_mlp=True, norm_layer=LayerNorm2d)
+                          ls_init_value=ls_init_value, conv_mlp=True, norm_layer=norm_layer)
             for i, depth in enumerate(depths)))
         self.proj = nn.Conv2d(dims[-1], embed_dim, proj_stride, proj_stride)
 
@@ -301,7 +301,11 @@ def fan_demo_tiny_p8(pretrained: bool = False, **kwargs) -> FAN:
 
 @register_model
 def fan_demo_hybrid_p8(pretrained: bool = False, **kwargs) -> FAN:
-    """Demo-sized FAN-Hybrid: 2x2 stem, ConvNeXt 2+2 blocks at widths 32/64, stride 8 in all, 4 FAN blocks of 128."""
-    convnext = {"depths": (2, 2), "dims": (32, 64), "stem_stride": 2, "proj_stride": 2}
-    model_args = dict(embed_dim=128, depth=4, num_heads=4, convnext=convnext)
+    """Demo-sized FAN-Hybrid: 4x4 stem and two ConvNeXt blocks of 64 at stride 4, stride 8 in all, 4 FAN blocks of 128.
+
+    Unlike FAN-Hybrid its ConvNeXt part uses BatchNorm and LayerScale 1: trained from scratch on the small demo
+    set, the LayerNorm version stayed at chance for 4 epochs where this one reached 85% in 9.
+    """
+    convnext = dict(depths=(2,), dims=(64,), stem_stride=4, proj_stride=2, ls_init_value=1.0, norm_layer=nn.BatchNorm2d)
+    model_args = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, convnext=convnext)
     return _create_fan("fan_demo_hybrid_p8", pretrained, model_args, **kwargs)

@@ -35,13 +35,14 @@ from labeler.checkpoint import read_checkpoint, save_checkpoint
 from labeler.metrics import TokenCounts, token_accuracy
 from shards.errors import UserError, cli
 from shards.reader import ShardReader, load_manifest
+from train.augment import safe_posterize
 
 # STL's FAN-TL recipe (scripts/fan_token_labeler, per-GPU batch) and the recipe for the demo models on 2 CPU cores.
 RECIPES: dict[str, dict[str, Any]] = {
     "stl": dict(epochs=350, batch_size=128, lr=2e-3, warmup_epochs=5, weight_decay=0.05, drop_path=0.05,
                 smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.3,
                 crop_scale=0.08, hflip=0.5, ema_decay=0.99992),
-    "demo": dict(epochs=12, batch_size=32, lr=1e-3, warmup_epochs=1, weight_decay=0.05, drop_path=0.0,
+    "demo": dict(epochs=8, batch_size=32, lr=1e-3, warmup_epochs=1, weight_decay=0.05, drop_path=0.0,
                  smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", color_jitter=0.0, reprob=0.0, crop_scale=1.0,
                  hflip=0.0, ema_decay=0.998),
 }
@@ -219,6 +220,20 @@ def evaluate(model: nn.Module, data: DataLoader, device: torch.device, with_mask
     return {**metrics, **counts.rates()} if with_masks else metrics
 
 
+def build_data(args: argparse.Namespace, cfg: dict, img_size: int, has_masks: bool) -> tuple[ShardReader, ShardReader]:
+    """The shuffled, augmented train split and the val split (with masks when the dataset has them)."""
+    train_tf = safe_posterize(create_transform(
+        img_size, is_training=True, scale=(args.crop_scale, 1.0), hflip=args.hflip,
+        auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter,
+        interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"], re_prob=args.reprob, re_mode="pixel"))
+    train_set = ShardReader(args.shards, "train", shuffle=True, seed=args.seed, transform=TrainTransform(train_tf))
+    val_set = ShardReader(args.shards, "val", transform=EvalTransform(
+        img_size, cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"], has_masks))
+    if len(train_set) < args.batch_size:
+        raise UserError(f"{args.shards}: {len(train_set)} training images, fewer than --batch-size {args.batch_size}")
+    return train_set, val_set
+
+
 def resume_point(args: argparse.Namespace) -> Path | None:
     if args.resume is not None:
         return args.resume
@@ -228,14 +243,19 @@ def resume_point(args: argparse.Namespace) -> Path | None:
 
 def check_resumable(ckpt: dict[str, Any], path: Path, args: argparse.Namespace, num_classes: int,
                     img_size: int) -> None:
+    """A run resumes only the same model, classes, input size and schedule length it was started with."""
     if ckpt["model"] != args.model:
         raise UserError(f"{path}: checkpoint is of model {ckpt['model']}, not --model {args.model}; "
                         f"pass --model {ckpt['model']} or another --out")
     if ckpt["num_classes"] != num_classes or ckpt["img_size"] != img_size:
         raise UserError(f"{path}: checkpoint has {ckpt['num_classes']} classes at {ckpt['img_size']}px, this run "
                         f"{num_classes} at {img_size}px; use another --out")
-    if "optimizer" not in ckpt["train_state"]:
+    state = ckpt["train_state"]
+    if "optimizer" not in state:
         raise UserError(f"{path}: checkpoint holds no training state to resume from; use another --out")
+    if state["args"]["epochs"] != args.epochs:
+        raise UserError(f"{path}: checkpoint follows a {state['args']['epochs']}-epoch schedule, not --epochs "
+                        f"{args.epochs}; pass --epochs {state['args']['epochs']} or another --out")
 
 
 def rewrite_metrics(path: Path, upto_epoch: int) -> None:
@@ -252,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     manifest = load_manifest(args.shards)
     if not timm.is_model(args.model):
         raise UserError(f"--model {args.model}: not a registered model; FAN models: {', '.join(timm.list_models('fan_*'))}")
+    mixing = args.mixup > 0 or args.cutmix > 0
+    if mixing and args.batch_size % 2:
+        raise UserError(f"--batch-size {args.batch_size}: Mixup/CutMix need an even batch size")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_classes = manifest.num_classes
     seed_everything(args.seed)
@@ -259,26 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path).to(device)
     cfg = model.pretrained_cfg
     img_size = args.img_size or cfg["input_size"][-1]
+    train_set, val_set = build_data(args, cfg, img_size, manifest.has_masks)
     ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True, warmup_power=3 / 4)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay)
-
-    train_tf = create_transform(
-        img_size, is_training=True, scale=(args.crop_scale, 1.0), hflip=args.hflip,
-        auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter, interpolation=cfg["interpolation"],
-        mean=cfg["mean"], std=cfg["std"], re_prob=args.reprob, re_mode="pixel")
-    train_set = ShardReader(args.shards, "train", shuffle=True, seed=args.seed, transform=TrainTransform(train_tf))
-    val_set = ShardReader(args.shards, "val", transform=EvalTransform(
-        img_size, cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"], manifest.has_masks))
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{args.shards}: {len(train_set)} training images, fewer than --batch-size {args.batch_size}")
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
+        optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=len(train_set) // args.batch_size)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                  num_classes=num_classes) if mixing else None
 
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path, last_path = args.out / "metrics.jsonl", args.out / "last.pt"

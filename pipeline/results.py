@@ -1,15 +1,19 @@
 """The results table (docs/results.md): student variants on one pipeline's store, mean and spread over seeds.
 
-`python -m pipeline.results --pipeline demo --seeds 0 1 2 --epochs E` prepares the pipeline's dataset, labeler and
-dump (skipped when up to date), trains every variant once per seed at equal epochs (a finished run is reused),
-and writes the table between the markers of docs/results.md.
+`python -m pipeline.results --pipeline demo --seeds 0 1 2 --jobs 2` prepares the pipeline's dataset, labeler and
+dump (skipped when up to date), trains every variant once per seed at equal epochs (a finished run is reused,
+an interrupted one resumed; each run logs to its own file), and writes the table between the markers of
+docs/results.md. Every variant is the pipeline's first token-label student (model, epochs, args) plus the
+variant's flags.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl
@@ -41,54 +45,73 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
+def train(runner: Runner, out: Path, model: str, epochs: int, seed: int, flag_args: list[str], threads: int) -> None:
+    """One variant-seed run of train.student (resumed or reused when its folder already holds it)."""
+    if (out / "eval.json").is_file():
+        return
+    command = [sys.executable, "-m", "train.student", "--labels", str(runner.store), "--model", model,
+               "--epochs", str(epochs), "--out", str(out), "--seed", str(seed), *flag_args]
+    print("$ " + " ".join(command[1:]), flush=True)
+    log = out.parent / f"{out.name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        raise UserError(f"{out}: training failed (log: {log}); run the same command again to resume")
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default="demo")
+    parser.add_argument("--file", type=Path, default=ROOT / "pipelines.yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--args", default='{"patch-size": 8}', help="JSON of flags every variant shares")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: the pipeline's first student's)")
+    parser.add_argument("--model", help="student model (default: the pipeline's first student with token labels)")
+    parser.add_argument("--args", help="JSON of flags every variant shares (default: that student's args)")
     parser.add_argument("--corruptions", nargs="*", default=["gaussian_noise", "motion_blur", "fog", "contrast"])
     parser.add_argument("--variants", nargs="*", help="a subset of the variant names")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs torch threads")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
-    pipeline = load_pipelines(ROOT / "pipelines.yaml").get(args.pipeline)
+    pipeline = load_pipelines(args.file).get(args.pipeline)
     if pipeline is None:
-        raise UserError(f"pipelines.yaml: no pipeline '{args.pipeline}'")
+        raise UserError(f"{args.file}: no pipeline '{args.pipeline}'")
     check_pipeline(pipeline)
-    runner = Runner(pipeline)
-    runner.prepare()
-    shared = json.loads(args.args)
-    labeler = read_jsonl(ROOT / pipeline.labeler.out / "metrics.jsonl")[-1]
-    rows = []
-    for name in args.variants or VARIANTS:
+    student = next(s for s in pipeline.students if s.token_labels)
+    model, epochs = args.model or student.model, args.epochs or student.epochs
+    shared = json.loads(args.args) if args.args else student.args
+    for name in args.variants or []:
         if name not in VARIANTS:
             raise UserError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        variant = {**shared, **VARIANTS[name]}
+    names = args.variants or list(VARIANTS)
+    runner = Runner(pipeline)
+    runner.prepare()
+    labeler = read_jsonl(ROOT / pipeline.labeler.out / "metrics.jsonl")[-1]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    out = {(name, seed): runner.runs / "results" / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda key: train(runner, out[key], model, epochs, key[1], [
+            "--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
+            *flags({**shared, **VARIANTS[key[0]]})], threads), out))
+    rows = []
+    for name in names:
         results = []
         for seed in args.seeds:
-            out = runner.runs / "results" / slug(name) / f"seed{seed}"
-            if not (out / "eval.json").is_file():
-                command = [sys.executable, "-m", "train.student", "--labels", str(runner.store), "--model", args.model,
-                           "--epochs", str(args.epochs), "--out", str(out), "--seed", str(seed),
-                           "--final-corruptions", *args.corruptions, *flags(variant)]
-                print("$ " + " ".join(command[1:]), flush=True)
-                if subprocess.run(command, cwd=ROOT).returncode != 0:
-                    raise UserError(f"{out}: training failed; run the same command again to resume")
-            ev = read_json(out / "eval.json")
-            ev["time"] = sum(m["time"] for m in read_jsonl(out / "metrics.jsonl"))
+            ev = read_json(out[name, seed] / "eval.json")
+            ev["time"] = sum(m["time"] for m in read_jsonl(out[name, seed] / "metrics.jsonl"))
             results.append(ev)
-        token = "-" if variant.get("no-token-labels") else f"{labeler['token_fg_acc']:.1f}"
+        token = "-" if VARIANTS[name].get("no-token-labels") else f"{labeler['token_fg_acc']:.1f}"
         rows.append(f"| {name} | {mean_spread([r['top1'] for r in results])} | "
                     f"{mean_spread([r['top1_combined'] for r in results])} | "
                     f"{mean_spread([r['corrupt_acc'] for r in results])} | {token} | "
                     f"{mean_spread([r['time'] for r in results])} |")
     table = "\n".join([
-        f"Student `{args.model}` {json.dumps(shared)}, {args.epochs} epochs, seeds {args.seeds}; corruptions "
-        f"{', '.join(args.corruptions)} at severities 1, 3, 5. Labeler `{pipeline.labeler.model}` "
+        f"Student `{model}` {json.dumps(shared)}, {epochs} epochs, seeds {args.seeds}, {args.jobs} run(s) at a "
+        f"time; corruptions {', '.join(args.corruptions)} at severities 1, 3, 5. Labeler `{pipeline.labeler.model}` "
         f"(val top-1 {labeler['top1']:.1f}). Command: `python -m pipeline.results --pipeline {args.pipeline} "
-        f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}`.", "",
+        f"--seeds {' '.join(map(str, args.seeds))} --epochs {epochs} --jobs {args.jobs}`.", "",
         "| variant | top-1 (class head) | top-1 (combined) | corrupted-val acc | labeler fg token acc | train s |",
         "|---|---|---|---|---|---|", *rows])
     text = args.out.read_text() if args.out.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"

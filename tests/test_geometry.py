@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
 from timm.data.auto_augment import NAME_TO_OP, AugmentOp, rand_augment_transform
 
-from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
+from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas, safe_posterize
 from train.geometry import (
     cell_taps,
     crop_mapping,
@@ -415,6 +416,11 @@ def test_posterize_at_full_magnitude_blackens_instead_of_raising():
                 if op.name == "PosterizeIncreasing")
     half.prob = 1.0
     assert np.array_equal(np.asarray(half(img)), np.asarray(img) & 0xC0)  # 4 - int(5 / 10 * 4) = 2 bits
+    # the labeler's timm transform takes the same fix
+    plain = safe_posterize(create_transform(16, is_training=True, auto_augment="rand-m10-inc1"))
+    op = next(op for t in plain.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    assert not np.asarray(op(img)).any()
 
 
 def test_transform_pickles_and_replays():

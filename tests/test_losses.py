@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from train.losses import token_label_loss
+from train.targets import HardTokens
 
 LN2, LN3 = math.log(2), math.log(3)
 # class: softmax([ln2, 0, 0]) = [1/2, 1/4, 1/4], target class 1 -> CE = ln 4
@@ -59,3 +60,19 @@ def test_beta_zero_is_the_plain_class_loss():
     for total, parts in (loss(beta=0.0), token_label_loss(CLS_LOGITS, CLS_TARGET)):
         assert total.item() == pytest.approx(CLS_CE, rel=1e-6)
         assert set(parts) == {"cls"}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_hard_targets_give_the_loss_of_their_dense_form(smoothing):
+    """Class ids (one per token, or two with Mixup weights) cost what their smoothed one-hot maps cost."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 5, generator=gen)  # [B, N, K]
+    valid = torch.rand(3, 6, generator=gen) < 0.7
+    one = HardTokens.of(torch.randint(0, 5, (3, 2, 3), generator=gen), 5, smoothing)
+    two = one.blend(torch.tensor([2, 1, 0]), 0.3)
+    for hard in (one, two):
+        flat = hard.map(lambda t: t.flatten(2))  # [B, M, N]
+        dense = hard.dense().flatten(2).transpose(1, 2)  # [B, N, K]
+        got, _ = token_label_loss(CLS_LOGITS.expand(3, 3), CLS_TARGET.expand(3, 3), logits, flat, valid)
+        want, _ = token_label_loss(CLS_LOGITS.expand(3, 3), CLS_TARGET.expand(3, 3), logits, dense, valid)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)

@@ -6,6 +6,7 @@ import torch
 
 from shards.errors import UserError
 from train.mixing import Mixer, MixInfo, apply_mix, flip_perm, mix_tokens, sample_mixtoken, token_box
+from train.targets import HardTokens
 
 torch.set_num_threads(1)
 
@@ -124,3 +125,17 @@ def test_no_mix_passes_through_and_bad_sizes_are_refused():
     cut = MixInfo("cutmix", 0.5, (0, 2, 0, 3), flip_perm(B), GRID)
     with pytest.raises(UserError, match="token grid"):
         apply_mix(cut, torch.zeros(B, 3, 33, 48), labels)
+
+
+@pytest.mark.parametrize("mode", ["cutmix", "mixup", "mixtoken"])
+def test_hard_targets_mix_as_their_dense_form(mode):
+    """Class ids (HardTokens) go through every mix exactly as the smoothed one-hot maps they stand for."""
+    images, labels, _, valid = batch()
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 7, (B, *GRID)))
+    hard = HardTokens.of(ids, 7, smoothing=0.1)
+    box = (1, 3, 2, 5) if mode != "mixup" else None
+    info = MixInfo(mode, 0.3 if mode == "mixup" else 1 - 6 / 24, box, flip_perm(B), GRID)
+    _, _, mixed, _ = apply_mix(info, images, labels, hard, valid)
+    _, _, want, _ = apply_mix(info, images, labels, hard.dense(), valid)
+    assert isinstance(mixed, HardTokens) and mixed.index.shape[1] == (2 if mode == "mixup" else 1)
+    torch.testing.assert_close(mixed.dense(), want, rtol=0, atol=1e-6)

@@ -68,17 +68,30 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
     path = quick_file(tmp_path)
     out = run(path)
     runs = tmp_path / "runs"
-    for name in ("baseline", "vit_p8", "vit_p16"):
+    for name in ("baseline", "fan_p8", "fan_p16"):
         assert (runs / name / "eval.json").is_file() and (runs / name / "last.pt").is_file()
     assert len(list((runs / "pictures").glob("*.png"))) == 2
     summary = (runs / "summary.md").read_text()
-    assert "| vit_p16 | vit_tiny_patch16_224 | yes |" in summary and "token_fg_acc" in summary
+    assert "| fan_p16 | fan_demo_tiny_p8 | yes |" in summary and "token_fg_acc" in summary
     assert "== demo-quick: dump" in out
 
     again = run(path)
     assert "== demo-quick:" not in again and again.count("skipped (up to date)") >= 8
 
-    quick_file(tmp_path, epochs=2)  # only the vit_p16 student and its evaluation change
+    quick_file(tmp_path, epochs=2)  # only the fan_p16 student and its evaluation change
     changed = run(path)
-    assert "== demo-quick: student-vit_p16" in changed and "== demo-quick: eval-vit_p16" in changed
-    assert "== demo-quick: student-vit_p8" not in changed and "== demo-quick: dump" not in changed
+    assert "== demo-quick: student-fan_p16" in changed and "== demo-quick: eval-fan_p16" in changed
+    assert "== demo-quick: student-fan_p8" not in changed and "== demo-quick: dump" not in changed
+
+    # the results table on the same store: two variants x two seeds, mean and spread of each
+    table = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, "-m", "pipeline.results", "--pipeline", "demo-quick", "--file", str(path),
+                             "--variants", "no token labels", "token labels, Gumbel", "--seeds", "0", "1",
+                             "--corruptions", "fog", "--jobs", "2", "--out", str(table)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| no token") or
+            line.startswith("| token labels")]
+    assert len(rows) == 2 and all(row.count("±") == 4 for row in rows)
+    assert rows[0].split("|")[5].strip() == "-" and float(rows[1].split("|")[5]) > 0  # labeler fg accuracy
+    assert len(list((runs / "results").glob("*/seed1/eval.json"))) == 2

@@ -9,7 +9,14 @@ from scipy.stats import chisquare
 
 from shards.errors import UserError
 from train.geometry import crop_mapping, hflip_mapping, resample_maps, rotate_mapping
-from train.targets import class_targets, densify, stored_token_targets, token_targets
+from train.targets import (
+    class_targets,
+    densify,
+    pooled_label,
+    stored_token_probs,
+    stored_token_targets,
+    token_targets,
+)
 
 torch.set_num_threads(1)
 
@@ -51,10 +58,10 @@ def test_softmax_argmax_and_smoothing_exact():
     probs = hand_map()
     soft = token_targets(probs, "softmax", smoothing=0.2)
     torch.testing.assert_close(soft, probs * 0.8 + 0.05, rtol=0, atol=1e-7)
-    hard = token_targets(probs, "argmax", smoothing=0.0)
+    hard = token_targets(probs, "argmax", smoothing=0.0).dense()
     assert hard[0, :, 0].argmax(0).tolist() == [1, 2, 3]
     assert torch.equal(hard.sum(1), torch.ones(1, 1, 3))
-    smoothed = token_targets(probs, "argmax", smoothing=0.1)
+    smoothed = token_targets(probs, "argmax", smoothing=0.1).dense()
     assert torch.allclose(smoothed[0, :, 0, 0], torch.tensor([0.025, 0.925, 0.025, 0.025]))
 
 
@@ -63,7 +70,7 @@ def test_gumbel_draws_follow_the_tempered_distribution(tau):
     p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     probs = p[None, :, None, None].expand(1, 5, 40, 100)  # 4000 tokens, one draw each
     gen = torch.Generator().manual_seed(0)
-    draws = token_targets(probs, "gumbel", tau=tau, smoothing=0.0, generator=gen)
+    draws = token_targets(probs, "gumbel", tau=tau, smoothing=0.0, generator=gen).dense()
     assert torch.equal(draws.sum(1), torch.ones(1, 40, 100)) and set(draws.unique().tolist()) == {0.0, 1.0}
     counts = draws.sum((0, 2, 3)).numpy()
     assert counts[4] == 0  # a class of probability 0 is never drawn
@@ -76,10 +83,10 @@ def test_gumbel_draws_follow_the_tempered_distribution(tau):
 
 def test_gumbel_draws_afresh_and_replays_with_a_seed():
     probs = hand_map().expand(2, 4, 8, 3)
-    first = token_targets(probs, "gumbel", generator=torch.Generator().manual_seed(1))
-    again = token_targets(probs, "gumbel", generator=torch.Generator().manual_seed(1))
+    first = token_targets(probs, "gumbel", generator=torch.Generator().manual_seed(1)).dense()
+    again = token_targets(probs, "gumbel", generator=torch.Generator().manual_seed(1)).dense()
     gen = torch.Generator().manual_seed(2)
-    a, b = token_targets(probs, "gumbel", generator=gen), token_targets(probs, "gumbel", generator=gen)
+    a, b = (token_targets(probs, "gumbel", generator=gen).dense() for _ in range(2))
     assert torch.equal(first, again) and not torch.equal(a, b)
     # smoothing 0.1 over K=4 around a one-hot draw
     assert first.unique().tolist() == pytest.approx([0.025, 0.925])
@@ -127,19 +134,26 @@ def test_stored_targets_equal_the_dense_chain(num_classes, k, map_hw, grid, size
     scores, classes = stored_maps(rng, batch, k, map_hw, num_classes)
     mappings, footprints = student_views(rng, batch, (300, 200), size)
     probs, valid = resample_maps(densify(scores, classes, num_classes), mappings, footprints, size, grid, points)
+    got, got_valid = stored_token_probs(scores, classes, mappings, footprints, num_classes, size, grid, points=points)
+    assert torch.equal(got, probs) and torch.equal(got_valid, valid)  # bit for bit
     for kind in ("softmax", "argmax"):
-        targets, got_valid, got = stored_token_targets(scores, classes, mappings, footprints, num_classes, size, grid,
-                                                       kind=kind, smoothing=0.1, points=points)
-        assert torch.equal(got, probs) and torch.equal(got_valid, valid)  # bit for bit
-        assert torch.equal(targets, token_targets(probs, kind, smoothing=0.1))
+        targets, got_valid, pooled = stored_token_targets(scores, classes, mappings, footprints, num_classes, size,
+                                                          grid, kind=kind, smoothing=0.1, points=points)
+        want = token_targets(probs, kind, smoothing=0.1)
+        assert torch.equal(targets.dense(), want.dense()) if kind == "argmax" else torch.equal(targets, want)
+        assert torch.equal(got_valid, valid)
+        torch.testing.assert_close(pooled, pooled_label(probs, valid), rtol=0, atol=1e-6)
+        assert pooled[0].sum() == 0 and (pooled[1:].sum(1) > 0).all()  # sample 0 has no valid token
     # the sample and token kinds the test must cover: a skipped sample, tokens off the footprint or on
     # skipped cells, and (with several points) tokens that see several cells
     assert not valid[0].any() and valid[1:].any() and not valid[1:].all()
     if points > 1:
         assert ((probs > 0).sum(1) > k).any()
     # a Gumbel draw is a smoothed one-hot of a class the token can have; tokens without a label draw class 0
-    drawn, _, _ = stored_token_targets(scores, classes, mappings, footprints, num_classes, size, grid, points=points,
-                                       smoothing=0.0, generator=torch.Generator().manual_seed(0))
+    drawn, _, pooled = stored_token_targets(scores, classes, mappings, footprints, num_classes, size, grid,
+                                            points=points, smoothing=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pooled, pooled_label(probs, valid), rtol=0, atol=1e-6)
+    drawn = drawn.dense()
     assert torch.equal(drawn.sum(1), torch.ones(batch, *grid)) and set(drawn.unique().tolist()) == {0.0, 1.0}
     winner = drawn.argmax(1)
     assert (probs.gather(1, winner[:, None])[:, 0][valid] > 0).all()
@@ -153,8 +167,8 @@ def test_stored_bilinear_matches_the_dense_chain():
     dense = densify(scores, classes, 100)
     for points in (1, 2):
         probs, valid = resample_maps(dense, mappings, footprints, 96, (6, 6), points, mode="bilinear")
-        _, got_valid, got = stored_token_targets(scores, classes, mappings, footprints, 100, 96, (6, 6),
-                                                 kind="softmax", points=points, mode="bilinear")
+        got, got_valid = stored_token_probs(scores, classes, mappings, footprints, 100, 96, (6, 6), points=points,
+                                            mode="bilinear")
         torch.testing.assert_close(got, probs, rtol=0, atol=1e-6)
         assert torch.equal(got_valid, valid)
 
@@ -173,8 +187,9 @@ def four_cell_token(batch: int) -> tuple[torch.Tensor, ...]:
 def test_stored_gumbel_draws_follow_the_tempered_token_distribution(tau):
     scores, classes, mapping, footprint = four_cell_token(4000)
     gen = torch.Generator().manual_seed(0)
-    draws, valid, probs = stored_token_targets(scores, classes, mapping, footprint, 8, 2, (1, 1), tau=tau,
-                                               smoothing=0.0, points=2, generator=gen)
+    draws, valid, _ = stored_token_targets(scores, classes, mapping, footprint, 8, 2, (1, 1), tau=tau,
+                                           smoothing=0.0, points=2, generator=gen)
+    draws, probs = draws.dense(), stored_token_probs(scores, classes, mapping, footprint, 8, 2, (1, 1))[0]
     assert valid.all()
     p = probs[0, :, 0, 0].double().numpy()
     assert (p[[0, 7]] == 0).all() and (p[1:7] > 0).all()
@@ -191,11 +206,10 @@ def test_stored_gumbel_draws_follow_the_tempered_token_distribution(tau):
 
 def test_stored_gumbel_draws_afresh_and_replays_with_a_seed():
     args = four_cell_token(64)
-    first, _, _ = stored_token_targets(*args, 8, 2, (1, 1), generator=torch.Generator().manual_seed(1))
-    again, _, _ = stored_token_targets(*args, 8, 2, (1, 1), generator=torch.Generator().manual_seed(1))
+    first, again = (stored_token_targets(*args, 8, 2, (1, 1), generator=torch.Generator().manual_seed(1))[0].dense()
+                    for _ in range(2))
     gen = torch.Generator().manual_seed(2)
-    a, _, _ = stored_token_targets(*args, 8, 2, (1, 1), generator=gen)
-    b, _, _ = stored_token_targets(*args, 8, 2, (1, 1), generator=gen)
+    a, b = (stored_token_targets(*args, 8, 2, (1, 1), generator=gen)[0].dense() for _ in range(2))
     assert torch.equal(first, again) and not torch.equal(a, b)
     assert first.unique().tolist() == pytest.approx([0.1 / 8, 0.9 + 0.1 / 8])
 
@@ -213,7 +227,7 @@ def test_class_targets_plain_and_blended():
     assert torch.allclose(plain, torch.tensor([[0.025, 0.025, 0.925, 0.025], [0.925, 0.025, 0.025, 0.025]]))
     probs = torch.cat([hand_map(), hand_map()])
     valid = torch.tensor([[[True, True, False]], [[False, False, False]]])
-    blended = class_targets(labels, 4, smoothing=0.0, token_probs=probs, valid=valid, map_weight=0.5)
+    blended = class_targets(labels, 4, smoothing=0.0, pooled=pooled_label(probs, valid), map_weight=0.5)
     pooled = (hand_map()[0, :, 0, 0] + hand_map()[0, :, 0, 1]) / 2
     assert torch.allclose(blended[0], 0.5 * torch.tensor([0, 0, 1.0, 0]) + 0.5 * pooled)
     assert torch.equal(blended[1], torch.tensor([1.0, 0, 0, 0]))  # no valid token: the image label alone

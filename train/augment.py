@@ -16,6 +16,7 @@ convention and train.geometry.resample_maps for turning it into per-token labels
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,15 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 
+
+def safe_posterize(transform: Any) -> Any:
+    """`transform` (a timm create_transform Compose, or a RandAugment) with its posterize ops made safe at 0 bits."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if op.name in POSTERIZE_OPS:
+                op.aug_fn = posterize
+    return transform
+
 # timm RandAugment op name -> the same op acting on the mapping; every other op is photometric
 GEOMETRIC_OPS = {
     "Rotate": _rotate,
@@ -133,9 +143,7 @@ def _label_aware_rand_augment(config: str, img_size: int, fill: tuple[int, ...],
     for op in augment.ops:
         if op.name in GEOMETRIC_OPS:
             op.aug_fn = GEOMETRIC_OPS[op.name]
-        elif op.name in POSTERIZE_OPS:
-            op.aug_fn = posterize
-    return augment
+    return safe_posterize(augment)
 
 
 class LabelAwareTransform:

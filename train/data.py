@@ -24,7 +24,7 @@ from shards.manifest import MANIFEST, load_manifest
 from shards.reader import ShardReader
 from train.augment import LabelAwareTransform
 from train.geometry import warp_image
-from train.targets import stored_token_targets
+from train.targets import HardTokens, stored_token_targets
 
 
 def resolve_labels(path: str | Path, need_store: bool = True) -> tuple[Path, Path | None]:
@@ -120,11 +120,11 @@ class StudentData(ShardReader):
 def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_size: int, grid: tuple[int, int], *,
                         kind: str = "gumbel", tau: float = 1.0, smoothing: float = 0.1, points: int = 2,
                         generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token targets [B, K, h, w], valid [B, h, w], token distributions [B, K, h, w]) for a batch on device.
+                        ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor]:
+    """(token targets, valid [B, h, w], pooled label [B, K]) for a batch on device.
 
-    Works on the stored top-k directly (train.targets.stored_token_targets): the dense [B, K, H, W] map is never
-    built, only the token-level outputs.
+    Works on the stored top-k directly (train.targets.stored_token_targets): no dense [B, K, H, W] map is built,
+    and for hard targets (Gumbel, argmax) no [B, K, h, w] tensor either.
     """
     return stored_token_targets(batch["scores"], batch["classes"], batch["mapping"], batch["footprint"], num_classes,
                                 img_size, grid, kind=kind, tau=tau, smoothing=smoothing, points=points,

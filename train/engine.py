@@ -18,7 +18,7 @@ from torch import nn
 from train.data import token_label_targets
 from train.losses import token_label_loss
 from train.mixing import Mixer, MixInfo, apply_mix, flip_perm, mix_tokens, sample_mixtoken
-from train.targets import class_targets, token_targets
+from train.targets import HardTokens, class_targets, pooled_label, token_targets
 from train.tl_align import TokenLabelAligner, initial_labels_paper
 
 MIX_MODES = ("none", "cutmix", "mixup", "both", "mixtoken")
@@ -80,22 +80,23 @@ class StepRunner:
         self.aligner = TokenLabelAligner(student) if cfg.tl_align != "off" else None
 
     def targets(self, batch: dict[str, torch.Tensor], generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(class targets [B, K], token targets [B, K, h, w] or None, valid [B, h, w] or None), unmixed."""
+                ) -> tuple[torch.Tensor, torch.Tensor | HardTokens | None, torch.Tensor | None]:
+        """(class targets [B, K], token targets ([B, K, h, w] or HardTokens) or None, valid [B, h, w] or None),
+        unmixed."""
         c = self.cfg
-        tokens = valid = probs = None
+        tokens = valid = pooled = None
         if c.token_labels and self.labeler is not None:
-            tokens, valid, probs = self.online_targets(batch["clean"], generator)
+            tokens, valid, pooled = self.online_targets(batch["clean"], generator)
         elif c.token_labels:
-            tokens, valid, probs = token_label_targets(batch, c.num_classes, c.img_size, c.grid, kind=c.target,
-                                                       tau=c.tau, smoothing=c.smoothing, points=c.points,
-                                                       generator=generator)
-        cls = class_targets(batch["cls"], c.num_classes, c.smoothing, probs, valid, c.map_weight)
+            tokens, valid, pooled = token_label_targets(batch, c.num_classes, c.img_size, c.grid, kind=c.target,
+                                                        tau=c.tau, smoothing=c.smoothing, points=c.points,
+                                                        generator=generator)
+        cls = class_targets(batch["cls"], c.num_classes, c.smoothing, pooled, c.map_weight)
         return cls.to(self.device), tokens, valid
 
     @torch.no_grad()
     def online_targets(self, clean: torch.Tensor, generator: torch.Generator
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor]:
         """STL's online teacher: the labeler on the clean, spatially aligned view, inside the step."""
         c = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -104,7 +105,7 @@ class StepRunner:
         if tuple(grid) != tuple(c.grid):
             probs = F.interpolate(probs, size=c.grid, mode="area")
         valid = torch.ones(probs.shape[0], *c.grid, dtype=torch.bool, device=probs.device)
-        return token_targets(probs, c.target, c.tau, c.smoothing, generator), valid, probs
+        return token_targets(probs, c.target, c.tau, c.smoothing, generator), valid, pooled_label(probs)
 
     def draw_mix(self, batch_size: int, rng: np.random.Generator) -> MixInfo:
         c = self.cfg
@@ -125,7 +126,11 @@ class StepRunner:
         cls_t, tok_t, valid = self.targets(batch, generator)
         info = self.draw_mix(batch["image"].shape[0], np.random.default_rng(seed))
         images, cls_t, tok_t, valid = apply_mix(info, batch["image"], cls_t, tok_t, valid)
-        if tok_t is not None:  # [B, K, h, w] -> [B, N, K] and [B, N], tokens row-major like the logits
+        if isinstance(tok_t, HardTokens) and c.tl_align == "dense":  # TL-Align moves distributions
+            tok_t = tok_t.dense()
+        if isinstance(tok_t, HardTokens):  # ids [B, M, h, w] -> [B, M, N], tokens row-major like the logits
+            tok_t, valid = tok_t.map(lambda t: t.flatten(2)), valid.flatten(1)
+        elif tok_t is not None:  # [B, K, h, w] -> [B, N, K] and [B, N]
             tok_t, valid = tok_t.flatten(2).transpose(1, 2), valid.flatten(1)
         self.module.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from shards.errors import UserError
+from train.targets import HardTokens
 
 Box = tuple[int, int, int, int]
 
@@ -103,13 +104,17 @@ def _patch_size(image_hw: tuple[int, int], grid: tuple[int, int]) -> int:
     return sh // h
 
 
+Tokens = torch.Tensor | HardTokens
+
+
 def apply_mix(info: MixInfo, images: torch.Tensor, class_targets: torch.Tensor,
-              token_targets: torch.Tensor | None = None, valid: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              token_targets: Tokens | None = None, valid: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, Tokens | None, torch.Tensor | None]:
     """(images, class_targets, token_targets, valid) as mixed by `info`; the inputs are not modified.
 
-    images [B, C, S, S] (S a multiple of the grid), class_targets [B, K], token_targets [B, K, h, w] (already
-    drawn and smoothed: mixing is linear), valid [B, h, w]. For "mixtoken" only the class targets change.
+    images [B, C, S, S] (S a multiple of the grid), class_targets [B, K], token_targets [B, K, h, w] or
+    HardTokens (already drawn and smoothed: mixing is linear), valid [B, h, w]. For "mixtoken" only the class
+    targets change. Hard targets stay class ids: CutMix pastes them, Mixup keeps both samples' ids with weights.
     """
     if info.mode == "none":
         return images, class_targets, token_targets, valid
@@ -117,11 +122,17 @@ def apply_mix(info: MixInfo, images: torch.Tensor, class_targets: torch.Tensor,
     class_targets = _blend(class_targets, perm, info.lam)
     if info.mode == "mixup":
         images = _blend(images, perm, info.lam)
-        token_targets = None if token_targets is None else _blend(token_targets, perm, info.lam)
+        if isinstance(token_targets, HardTokens):
+            token_targets = token_targets.blend(perm, info.lam)
+        elif token_targets is not None:
+            token_targets = _blend(token_targets, perm, info.lam)
         valid = None if valid is None else valid & valid[perm.to(valid.device)]
     elif info.mode == "cutmix":
         images = _paste(images, perm, info.box, _patch_size(images.shape[-2:], info.grid))
-        token_targets = None if token_targets is None else _paste(token_targets, perm, info.box)
+        if isinstance(token_targets, HardTokens):
+            token_targets = token_targets.map(lambda t: _paste(t, perm, info.box))
+        elif token_targets is not None:
+            token_targets = _paste(token_targets, perm, info.box)
         valid = None if valid is None else _paste(valid, perm, info.box)
     return images, class_targets, token_targets, valid
 
@@ -152,9 +163,9 @@ class Mixer:
             return MixInfo("cutmix", lam, box, perm, self.grid)
         return MixInfo("mixup", float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)), None, perm, self.grid)
 
-    def __call__(self, images: torch.Tensor, class_targets: torch.Tensor, token_targets: torch.Tensor | None = None,
+    def __call__(self, images: torch.Tensor, class_targets: torch.Tensor, token_targets: Tokens | None = None,
                  valid: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, MixInfo]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, Tokens | None, torch.Tensor | None, MixInfo]:
         """Sample and apply: (images, class_targets, token_targets, valid, info)."""
         info = self.sample(images.shape[0])
         return *apply_mix(info, images, class_targets, token_targets, valid), info
