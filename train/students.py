@@ -1,8 +1,7 @@
 """Student models for token-label training: timm ViT/DeiT, timm VOLO and FAN, each with a dense per-token head and MixToken.
 
 Supported families (the timm class decides, not the name):
-- ViT/DeiT: any timm `VisionTransformer` (`vit_*`, `deit_*`, `deit3_*`, hybrids; `vit_demo_p8`, registered here, is a
-  small one for the demo set's 64x64 images). A new Linear head maps every patch
+- ViT/DeiT: any timm `VisionTransformer` (`vit_*`, `deit_*`, `deit3_*`, hybrids). A new Linear head maps every patch
   token of `forward_features` (prefix tokens dropped, then `fc_norm`, which is the identity unless the model pools
   with `global_pool="avg"`) to K logits. `patch_size` and `img_size` may be overridden, e.g.
   `build_student("vit_tiny_patch16_224", 10, 64, patch_size=8)`.
@@ -25,9 +24,7 @@ from functools import partial
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.volo import VOLO
 from torch import nn
@@ -190,19 +187,6 @@ def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[in
         raise UserError(f"{type(patch_embed).__name__} returns no grid; dense students need (tokens, (H, W))")
     H, W = out[1]
     return img_size[0] // H, img_size[1] // W
-
-
-default_cfgs = generate_default_cfgs({"vit_demo_p8": {
-    "url": "", "num_classes": 1000, "input_size": (3, 64, 64), "pool_size": None, "crop_pct": 1.0,
-    "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-    "first_conv": "patch_embed.proj", "classifier": "head"}})
-
-
-@register_model
-def vit_demo_p8(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Demo-sized ViT for 64x64 inputs: 8x8 patches (an 8x8 token grid), 6 blocks of width 128, 4 heads."""
-    model_args = dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4)
-    return build_model_with_cfg(VisionTransformer, "vit_demo_p8", pretrained, **dict(model_args, **kwargs))
 
 
 def build_student(name: str, num_classes: int, img_size: int | tuple[int, int], **kwargs) -> Student:
