@@ -23,13 +23,18 @@ def test_every_pipeline_of_the_file_validates():
     assert {s.model for s in imagenet.students} >= {"deit_small_patch16_224", "fan_small_12_p4_hybrid"}
 
 
+def set_arg(student: dict, **args) -> None:
+    """Add flags to one student (its args may be a YAML alias shared with others)."""
+    student["args"] = {**student["args"], **args}
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["demo"]["labeler"].update(epoch=3), r"pipelines.yaml:demo.labeler.epoch: unknown key"),
     (lambda d: d["demo"]["labeler"].update(epochs="many"), r"demo.labeler.epochs: expected int, got str 'many'"),
     (lambda d: d["demo"]["students"][0].pop("model"), r"demo.students\[0\].model: missing required key"),
-    (lambda d: d["demo"]["students"][1]["args"].update(warmup=2), r"demo.students\[1\].args.warmup: not a flag"),
-    (lambda d: d["demo"]["students"][1]["args"].update(mix="blend"), r"students\[1\].args.mix: 'blend' is not one"),
-    (lambda d: d["demo"]["students"][1]["args"].update(lr="fast"), r"students\[1\].args.lr: 'fast' is not a valid"),
+    (lambda d: set_arg(d["demo"]["students"][1], warmup=2), r"demo.students\[1\].args.warmup: not a flag"),
+    (lambda d: set_arg(d["demo"]["students"][1], mix="blend"), r"students\[1\].args.mix: 'blend' is not one"),
+    (lambda d: set_arg(d["demo"]["students"][1], lr="fast"), r"students\[1\].args.lr: 'fast' is not a valid"),
     (lambda d: d["demo"]["eval"].update(baseline="nobody"), r"demo.eval.baseline: 'nobody' is not a student"),
 ])
 def test_a_bad_key_or_type_is_one_line_naming_it(tmp_path, edit, message):
