@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         list(pool.map(lambda key: train(runner, out[key], model, epochs, key[1], [
             "--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
             *flags({**shared, **VARIANTS[key[0]]})], threads), out))
-    rows = []
+    rows, seed_rows = [], []
     for name in names:
         results = []
         for seed in args.seeds:
@@ -107,13 +107,16 @@ def main(argv: list[str] | None = None) -> None:
                     f"{mean_spread([r['top1_combined'] for r in results])} | "
                     f"{mean_spread([r['corrupt_acc'] for r in results])} | {token} | "
                     f"{mean_spread([r['time'] for r in results])} |")
+        seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")
     table = "\n".join([
         f"Student `{model}` {json.dumps(shared)}, {epochs} epochs, seeds {args.seeds}, {args.jobs} run(s) at a "
         f"time; corruptions {', '.join(args.corruptions)} at severities 1, 3, 5. Labeler `{pipeline.labeler.model}` "
         f"(val top-1 {labeler['top1']:.1f}). Command: `python -m pipeline.results --pipeline {args.pipeline} "
         f"--seeds {' '.join(map(str, args.seeds))} --epochs {epochs} --jobs {args.jobs}`.", "",
         "| variant | top-1 (class head) | top-1 (combined) | corrupted-val acc | labeler fg token acc | train s |",
-        "|---|---|---|---|---|---|", *rows])
+        "|---|---|---|---|---|---|", *rows, "", "Top-1 (class head) of each seed:", "",
+        "| variant | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " |",
+        "|---|" + "---|" * len(args.seeds), *seed_rows])
     text = args.out.read_text() if args.out.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN) if BEGIN in text else (text + "\n", END)
     args.out.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
