@@ -13,8 +13,9 @@ def token_label_loss(cls_logits: torch.Tensor, cls_target: torch.Tensor,
     """(total, {"cls": ..., "token": ...}) with the parts detached for logging.
 
     cls_logits [B, K] against cls_target [B, K] probabilities (or [B] class ids). token_logits [B, N, K] against
-    token_target [B, N, K] probabilities or HardTokens of ids [B, M, N]; valid [B, N] (bool, or float weights) marks the tokens inside the labels'
-    footprint, and the token term is the (weighted) mean over those tokens of the whole batch (0 if there are none).
+    token_target [B, N, K] probabilities or HardTokens of ids [B, M, N]; valid [B, N] (bool, or float weights)
+    marks the tokens inside the labels' footprint, and the token term is the (weighted) mean over those tokens
+    of the whole batch (0 if there are none).
     beta == 0 or token_logits None gives the plain class loss (the --no-token-labels baseline) and no "token" part.
     """
     cls_loss = F.cross_entropy(cls_logits, _like(cls_target, cls_logits))

@@ -147,9 +147,7 @@ def stored_token_probs(scores: torch.Tensor, classes: torch.Tensor, mappings: to
     classes within a cell, as a top-k has.
     """
     cand, ids, count, valid = _candidates(scores, classes, mappings, footprints, img_size, grid, points, mode)
-    token_probs = cand.new_zeros(cand.shape[0], num_classes, cand.shape[2]).scatter_add_(1, ids, cand)
-    if points > 1:
-        token_probs /= count
+    token_probs = cand.new_zeros(cand.shape[0], num_classes, cand.shape[2]).scatter_add_(1, ids, cand) / count
     return token_probs.view(*token_probs.shape[:2], *grid), valid
 
 
