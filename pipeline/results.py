@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     if pipeline is None:
         raise UserError(f"{args.file}: no pipeline '{args.pipeline}'")
     check_pipeline(pipeline)
-    student = next(s for s in pipeline.students if s.token_labels)
+    student = next((s for s in pipeline.students if s.token_labels), None)
+    if student is None:
+        raise UserError(f"{args.file}: pipeline '{args.pipeline}' has no student with token labels to vary")
     model, epochs = args.model or student.model, args.epochs or student.epochs
     shared = json.loads(args.args) if args.args else student.args
     for name in args.variants or []:
@@ -91,10 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     labeler = read_jsonl(ROOT / pipeline.labeler.out / "metrics.jsonl")[-1]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     out = {(name, seed): runner.runs / "results" / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
+
+    def run(key: tuple[str, int]) -> None:
+        name, seed = key
+        train(runner, out[key], model, epochs, seed, ["--final-corruptions", *args.corruptions, "--workers",
+                                                      "1" if args.jobs > 1 else "2", *flags({**shared, **VARIANTS[name]})],
+              threads)
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda key: train(runner, out[key], model, epochs, key[1], [
-            "--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
-            *flags({**shared, **VARIANTS[key[0]]})], threads), out))
+        list(pool.map(run, out))
     rows, seed_rows = [], []
     for name in names:
         results = []
