@@ -101,6 +101,7 @@ def safe_posterize(transform: Any) -> Any:
                 op.aug_fn = posterize
     return transform
 
+
 # timm RandAugment op name -> the same op acting on the mapping; every other op is photometric
 GEOMETRIC_OPS = {
     "Rotate": _rotate,

@@ -83,15 +83,20 @@ def mix_tokens(x: torch.Tensor, info: MixInfo, num_prefix_tokens: int = 0) -> to
     return torch.cat([x[:, :num_prefix_tokens], mixed], dim=1)
 
 
-def _paste(x: torch.Tensor, perm: torch.Tensor, box: Box, scale: int = 1) -> torch.Tensor:
-    """A copy of x [B, ..., H, W] with each sample's box (scaled by `scale`) taken from its partner."""
+def _paste(x: torch.Tensor | HardTokens, perm: torch.Tensor, box: Box, scale: int = 1) -> torch.Tensor | HardTokens:
+    """A copy of x [B, ..., H, W] (or of HardTokens' ids and weights) with each sample's box (scaled by `scale`)
+    taken from its partner."""
+    if isinstance(x, HardTokens):
+        return x.map(lambda t: _paste(t, perm, box, scale))
     top, bottom, left, right = (v * scale for v in box)
     out = x.clone()
     out[..., top:bottom, left:right] = x[..., top:bottom, left:right][perm.to(x.device)]
     return out
 
 
-def _blend(x: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
+def _blend(x: torch.Tensor | HardTokens, perm: torch.Tensor, lam: float) -> torch.Tensor | HardTokens:
+    if isinstance(x, HardTokens):
+        return x.blend(perm, lam)
     return x * lam + x[perm.to(x.device)] * (1 - lam)
 
 
@@ -122,17 +127,11 @@ def apply_mix(info: MixInfo, images: torch.Tensor, class_targets: torch.Tensor,
     class_targets = _blend(class_targets, perm, info.lam)
     if info.mode == "mixup":
         images = _blend(images, perm, info.lam)
-        if isinstance(token_targets, HardTokens):
-            token_targets = token_targets.blend(perm, info.lam)
-        elif token_targets is not None:
-            token_targets = _blend(token_targets, perm, info.lam)
+        token_targets = None if token_targets is None else _blend(token_targets, perm, info.lam)
         valid = None if valid is None else valid & valid[perm.to(valid.device)]
     elif info.mode == "cutmix":
         images = _paste(images, perm, info.box, _patch_size(images.shape[-2:], info.grid))
-        if isinstance(token_targets, HardTokens):
-            token_targets = token_targets.map(lambda t: _paste(t, perm, info.box))
-        elif token_targets is not None:
-            token_targets = _paste(token_targets, perm, info.box)
+        token_targets = None if token_targets is None else _paste(token_targets, perm, info.box)
         valid = None if valid is None else _paste(valid, perm, info.box)
     return images, class_targets, token_targets, valid
 
