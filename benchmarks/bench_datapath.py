@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
+from core.seeding import seed_all
 from dump.lvvit import import_lvvit
 from dump.store import LabelStore, footprint_box
 from shards.build import build
@@ -51,7 +52,7 @@ from shards.errors import cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
 from train.augment import LabelAwareTransform
-from train.data import StoreJoin, StudentData, seed_sample, token_label_targets
+from train.data import StoreJoin, StudentData, token_label_targets
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def breakdown_pass(root: Path, store: Path, geo: Geometry, batch: int, device: t
                 sample = join(sample)
             image, samples = sample["image"], samples + 1
             with clock("augment"):
-                seed_sample(0, 0, sample["index"])
+                seed_all(0, 0, sample["index"])
                 tensor, mapping = transform(image)
             with clock("mapping (in augment)"):
                 transform.sample(image)

@@ -27,14 +27,15 @@ import ray
 import timm
 import torch
 
+from core.checkpoint import save_checkpoint
 from dump.dump_labels import dump, top_k_maps
 from dump.lvvit import export_lvvit
-from labeler.checkpoint import load_labeler, save_checkpoint
+from labeler.load import load_labeler
 from shards.demo import build_demo
 
 
 def random_checkpoint(path: Path) -> Path:
-    import labeler.fan  # noqa: F401  (registers the demo FAN)
+    import labeler  # noqa: F401  (registers the demo FAN)
 
     torch.manual_seed(0)
     model = timm.create_model("fan_demo_tiny_p8", num_classes=10)

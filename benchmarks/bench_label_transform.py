@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from train.augment import POSTERIZE_OPS, LabelAwareTransform, posterize
+from core.posterize import POSTERIZE_OPS, posterize
+from train.augment import LabelAwareTransform
 from train.geometry import resample_maps
 from train.targets import densify, token_targets
 

@@ -9,11 +9,11 @@ token labels, offline with --tl-align dense, offline with --mix mixtoken, and th
 (--online-labeler CKPT: the labeler runs on the clean view inside every step, STL's design). Every variant
 uses the same batch, workers and torch threads, at 64 px (ViTs with --patch-size 8: an 8x8 token grid).
 
-A timed pass is what train_epoch does: a fresh DataLoader iterator over the run's StudentData, then
-`runner.step(batch, ...)` for --warmup untimed and --steps timed batches, data loading included. Variants run
-in rotating order each repeat; the table gives the median per-step wall time and main-process CPU time and
-their ratios to the baseline (goal: offline <= 1.05x). "FLOPs" is the online teacher's expected ratio, 1 +
-labeler forward / (3 x student forward).
+A timed pass is what an epoch does (core.engine.train_one_epoch): a fresh DataLoader iterator over the run's
+StudentData, then `core.engine.train_step` on the run's objective for --warmup untimed and --steps timed
+batches, data loading included. Variants run in rotating order each repeat; the table gives the median
+per-step wall time and main-process CPU time and their ratios to the baseline (goal: offline <= 1.05x).
+"FLOPs" is the online teacher's expected ratio, 1 + labeler forward / (3 x student forward).
 """
 
 import argparse
@@ -30,7 +30,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_datapath import GEOMETRIES, build_dataset, markdown
-from labeler.checkpoint import save_checkpoint
+from core.checkpoint import save_checkpoint
+from core.engine import train_step
 from shards.errors import cli
 from train.student import Run, build_parser
 
@@ -69,10 +70,10 @@ def timed_pass(run: Run, epoch: int, warmup: int, steps: int) -> tuple[float, fl
     run.train_data.set_epoch(epoch)
     batches = iter(run.loader())
     for step in range(warmup):
-        run.runner.step(next(batches), epoch, step)
+        train_step(run.objective, run.optim, next(batches), epoch, step)
     wall, cpu = time.perf_counter(), time.process_time()
     for step in range(warmup, warmup + steps):
-        run.runner.step(next(batches), epoch, step)
+        train_step(run.objective, run.optim, next(batches), epoch, step)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

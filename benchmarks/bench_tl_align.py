@@ -16,7 +16,7 @@ import time
 import timm
 import torch
 
-import labeler.fan  # noqa: F401  (registers the FAN models)
+import labeler  # noqa: F401  (registers the FAN models)
 from shards.errors import cli
 from train.tl_align import TokenLabelAligner, alignment_cost, initial_labels_paper
 

@@ -38,10 +38,10 @@ from PIL import Image
 from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
+from core.eval_view import centre_view
 from dump.store import (
     create_store,
     dataset_attrs,
-    footprint_box,
     identity_differences,
     make_footprint,
     mark_complete,
@@ -51,7 +51,7 @@ from dump.store import (
     store_lock,
     temporary_path,
 )
-from labeler.checkpoint import load_labeler
+from labeler.load import load_labeler
 from shards.errors import UserError, cli
 from shards.manifest import Manifest, load_manifest
 from shards.reader import ON_ERROR, SkipLog, read_shard, shard_keys
@@ -61,10 +61,8 @@ MAX_RETRIES = 3  # actor restarts and task retries when a worker process dies
 
 
 def labeler_input(image: Image.Image, footprint: dict[str, Any], mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
-    """The labeler's normalised [3, S, S] input: exactly the footprint box of `image` resampled to S x S."""
-    size = footprint["input_size"]
-    box = footprint_box(footprint, *image.size)
-    pixels = image.resize((size, size), resample=RESAMPLE[footprint["interpolation"]], box=box)
+    """The labeler's normalised [3, S, S] input: the eval view (core.eval_view) of `image` its footprint describes."""
+    pixels = centre_view(image, footprint["input_size"], footprint["crop_pct"], RESAMPLE[footprint["interpolation"]])
     x = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 

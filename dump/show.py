@@ -15,8 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
-from dump.store import LabelStore, examples, footprint_box, open_store
-from dump.verify import default_shards
+from dump.store import SHARDS_HELP, LabelStore, examples, footprint_box, open_store, store_shards
 from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard
@@ -84,7 +83,7 @@ def render(image: Image.Image, scores: np.ndarray, classes: np.ndarray, box: tup
 
 def show(store_path: Path, key: str, out: Path, shards: Path | None = None) -> None:
     store = open_store(store_path)
-    shards = shards or default_shards(store_path)
+    shards = store_shards(store, shards)
     names = load_manifest(shards).classes
     row = find_row(store, key)
     if not store.valid()[row]:
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("store", type=Path, help="label store (a .zarr folder)")
     parser.add_argument("--key", required=True, help="sample key, e.g. 3/train_000012")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
-    parser.add_argument("--shards", type=Path, default=None,
-                        help="shard folder (default: <dataset> when STORE is <dataset>/labels/<name>.zarr)")
+    parser.add_argument("--shards", type=Path, default=None, help=SHARDS_HELP)
     args = parser.parse_args(argv)
     show(args.store, args.key, args.out, args.shards)
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ attribute `complete` is set, by the driver alone, only once every shard's `done`
 time writes a store: `store_lock` holds `<store>.lock`.
 
 The geometry of a map is its `footprint`: the square of the original image the labeler saw, resized to the
-labeler's input (see `footprint_box`). The student data path uses `open_store`, `check_matches`,
+labeler's input (see `footprint_box`). The student data path uses `open_store`, `store_shards`, `check_matches`,
 `LabelStore.shard_rows`, `LabelStore.read_rows` and `footprint_box`.
 """
 
@@ -39,8 +39,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from core.eval_view import centre_box, check_crop_pct
 from shards.errors import UserError
-from shards.manifest import Manifest
+from shards.manifest import MANIFEST, Manifest
 
 FORMAT = "tokenlabel-labels"
 VERSION = 1
@@ -50,10 +51,8 @@ CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte-shuffled f
 
 
 def make_footprint(input_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic") -> dict[str, Any]:
-    """The rule that turned an original image into the labeler's S x S input (timm's centre-crop eval transform)."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return {"resize": "shorter side to input_size/crop_pct", "crop": "center", "crop_pct": crop_pct,
+    """The rule that turned an original image into the labeler's S x S input (core.eval_view's centre view)."""
+    return {"resize": "shorter side to input_size/crop_pct", "crop": "center", "crop_pct": check_crop_pct(crop_pct),
             "input_size": input_size, "interpolation": interpolation}
 
 
@@ -61,14 +60,12 @@ def footprint_box(footprint: Mapping[str, Any], width: int, height: int) -> tupl
     """(x0, y0, x1, y1) in the original image's continuous pixel coordinates that the map covers.
 
     Resizing the shorter side to S / crop_pct and centre-cropping S x S covers a centred square of side
-    crop_pct * min(width, height); the dump resamples exactly this box to S x S, and the map's H x W tokens
-    tile it evenly.
+    crop_pct * min(width, height) (core.eval_view.centre_box); the dump resamples exactly this box to S x S,
+    and the map's H x W tokens tile it evenly.
     """
     if footprint.get("crop") != "center":
         raise UserError(f"unknown footprint crop {footprint.get('crop')!r}; this store needs a newer tokenlabel")
-    side = footprint["crop_pct"] * min(width, height)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return x0, y0, x0 + side, y0 + side
+    return centre_box(width, height, footprint["crop_pct"])
 
 
 def chunk_rows(counts: list[int]) -> int:
@@ -96,8 +93,10 @@ def identity_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -
 
 
 def dataset_attrs(manifest: Manifest, split: str) -> dict[str, Any]:
+    """What a store records of the shards it labels; `root` (the shard folder, absolute) is where they were."""
     return {"split": split, "digest": manifest.digest(split), "count": manifest.count(split),
-            "num_classes": manifest.num_classes, "shards": [list(s) for s in manifest.shards(split)]}
+            "num_classes": manifest.num_classes, "shards": [list(s) for s in manifest.shards(split)],
+            "root": str(manifest.root.resolve())}
 
 
 def store_attrs(*, num_classes: int, k: int, grid: tuple[int, int], footprint: Mapping[str, Any],
@@ -239,6 +238,30 @@ class LabelStore:
 
     def valid(self) -> np.ndarray:
         return self.group["valid"][:]
+
+
+SHARDS_HELP = ("the store's shard folder (default: <dataset> when the store is <dataset>/labels/NAME.zarr, else "
+               "the dataset folder the store records)")
+
+
+def store_shards(store: LabelStore, shards: str | Path | None = None) -> Path:
+    """The shard folder a store labels: `shards` when given; else `<dataset>` for a store placed at
+    `<dataset>/labels/NAME.zarr` (symlinks not followed) when that folder holds a manifest; else the folder the
+    store records (dataset.root). One line when none of them holds a manifest."""
+    if shards is not None:
+        return Path(shards)
+    path = Path(os.path.abspath(store.path))
+    candidates = [(path.parent.parent, "its <dataset>/labels/ folder")] if path.parent.name == "labels" else []
+    if store.attrs["dataset"].get("root"):
+        candidates.append((Path(store.attrs["dataset"]["root"]), "the dataset it records"))
+    for folder, _ in candidates:
+        if (folder / MANIFEST).is_file():
+            return folder
+    if not candidates:
+        raise UserError(f"{store.path}: not in a <dataset>/labels/ folder and no dataset folder recorded; "
+                        "pass --shards DIR")
+    tried = " nor in ".join(f"{folder} ({why})" for folder, why in candidates)
+    raise UserError(f"{store.path}: no {MANIFEST} in {tried}; pass --shards DIR")
 
 
 def open_store(path: str | Path) -> LabelStore:

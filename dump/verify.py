@@ -14,18 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dump.store import LabelStore, dataset_attrs, open_store
-from shards.errors import UserError, cli
+from dump.store import SHARDS_HELP, LabelStore, dataset_attrs, open_store, store_shards
+from shards.errors import cli
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import split_keys
-
-
-def default_shards(store: Path) -> Path:
-    """`<dataset>/labels/<name>.zarr` -> `<dataset>`; anything else needs --shards."""
-    store = store.resolve()
-    if store.parent.name != "labels":
-        raise UserError(f"{store}: not under <dataset>/labels/; pass --shards DIR")
-    return store.parent.parent
 
 
 def check_layout(store: LabelStore) -> list[str]:
@@ -94,7 +86,7 @@ def check_rows(store: LabelStore, valid: np.ndarray) -> list[str]:
 def verify_store(path: str | Path, shards: str | Path | None = None) -> tuple[list[str], str]:
     """(failures, summary): every failure is one line; an empty list means the store is sound."""
     store = open_store(path)
-    manifest = load_manifest(shards if shards is not None else default_shards(Path(path)))
+    manifest = load_manifest(store_shards(store, shards))
     attrs = store.attrs
     split = attrs["dataset"]["split"]
     failures = check_layout(store)
@@ -104,7 +96,7 @@ def verify_store(path: str | Path, shards: str | Path | None = None) -> tuple[li
     if not attrs.get("complete") or not done.all():
         failures.append(f"{store.path}: incomplete ({int(done.sum())} of {len(done)} shards done, "
                         f"complete={attrs.get('complete')}); run the same dump command again")
-    want = dataset_attrs(manifest, split)
+    want = {k: v for k, v in dataset_attrs(manifest, split).items() if k != "root"}  # a store may live anywhere
     for field, value in want.items():
         if attrs["dataset"].get(field) != value:
             failures.append(f"{store.path}: dataset.{field} is {str(attrs['dataset'].get(field))[:80]!r}, "
@@ -130,8 +122,7 @@ def verify_store(path: str | Path, shards: str | Path | None = None) -> tuple[li
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", type=Path, help="label store (a .zarr folder)")
-    parser.add_argument("--shards", type=Path, default=None,
-                        help="shard folder (default: <dataset> when STORE is <dataset>/labels/<name>.zarr)")
+    parser.add_argument("--shards", type=Path, default=None, help=SHARDS_HELP)
     args = parser.parse_args(argv)
     failures, summary = verify_store(args.store, args.shards)
     for failure in failures:

@@ -17,12 +17,13 @@ import torch
 import zarr
 from PIL import Image
 
+from core.checkpoint import save_checkpoint
 from dump.dump_labels import dump, labeler_input
 from dump.dump_labels import main as dump_main
 from dump.store import check_matches, make_footprint, open_store
 from dump.verify import main as verify_main
 from dump.verify import verify_store
-from labeler.checkpoint import load_labeler, save_checkpoint
+from labeler.load import load_labeler
 from shards.errors import UserError
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
@@ -33,7 +34,7 @@ ARRAYS = ("scores", "classes", "keys", "valid", "done")
 
 
 def make_checkpoint(path: Path, seed: int) -> Path:
-    import labeler.fan  # noqa: F401  (registers the demo FAN)
+    import labeler  # noqa: F401  (registers the demo FAN)
 
     torch.manual_seed(seed)
     model = timm.create_model("fan_demo_tiny_p8", num_classes=10)

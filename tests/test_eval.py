@@ -9,13 +9,16 @@ import pytest
 import torch
 from corrupt_tta import corrupt
 
-from labeler.checkpoint import save_checkpoint
-from labeler.metrics import token_accuracy
+from core.checkpoint import save_checkpoint
+from core.corruptions import mean_corruption_error
+from core.engine import evaluate
+from core.eval_data import EvalTransform
+from core.label_quality import token_accuracy
 from shards.demo import build_demo
 from shards.errors import UserError
 from shards.reader import ShardReader
-from train.eval import EvalTransform, evaluate, load_model, main, mean_corruption_error
-from train.students import build_student
+from train.eval import load_model, main
+from train.models import build_student
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255

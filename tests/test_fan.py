@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-import labeler.fan  # noqa: F401  (registers the models)
+import labeler  # noqa: F401  (registers the models)
 
 # Published FAN parameter counts (FAN README, millions) at K=1000. They are for plain FAN, so they are
 # compared with the model minus its dense `aux_head` (which adds C*K + K, as STL's FAN-TL does).

@@ -10,7 +10,8 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import NAME_TO_OP, AugmentOp, rand_augment_transform
 
-from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas, safe_posterize
+from core.posterize import safe_posterize
+from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
 from train.geometry import (
     cell_taps,
     crop_mapping,

@@ -1,13 +1,23 @@
-"""FAN-TL training: the loss goes down, a resumed run is bitwise an uninterrupted one, bad input is one line."""
+"""FAN-TL training: the loss goes down, a resumed run is bitwise an uninterrupted one, DDP under torchrun equals one
+process, bad input is one line."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from labeler.metrics import TokenCounts, mask_token_targets, token_accuracy
-from labeler.train import main
-from shards.demo import build_demo
+from core.checkpoint import read_checkpoint
+from core.label_quality import TokenCounts, mask_token_targets, token_accuracy
+from labeler.train import LabelerRun, main, parse_args
+from shards.build import write_dataset
+from shards.demo import CLASSES, build_demo, demo_samples
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAST = ["--model", "fan_demo_tiny_p8", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "1",
         "--ema-decay", "0.9"]
@@ -57,6 +67,47 @@ def test_resume_is_bitwise_identical(shards, straight, tmp_path):
         for key, value in reference[part].items():
             assert torch.equal(resumed[part][key], value), f"{part}.{key} differs after resume"
     assert [r["train_loss"] for r in _metrics(tmp_path)] == [r["train_loss"] for r in _metrics(straight)]
+
+
+def twin_shards(root: Path) -> Path:
+    """Demo shards whose two train shards hold the same 16 images (the second under keys ending in _twin); val: 20."""
+    images = list(demo_samples("train", 16, 64, seed=0))
+    twins = [dataclasses.replace(s, key=f"{s.key}_twin") for s in images]
+    root.mkdir()
+    write_dataset(root, CLASSES, {"train": (images + twins, 32), "val": (demo_samples("val", 20, 64, seed=0), 20)},
+                  has_masks=True, per_shard=16)
+    return root
+
+
+def test_ddp_first_step_matches_one_process_on_the_global_batch(tmp_path):
+    """torchrun, gloo, 2 CPU processes of batch 16 (one train shard each) vs one process of batch 32: one step.
+
+    FAN normalises with batch statistics (BatchNorm in its stem and in every block's LPI; SyncBatchNorm is
+    GPU-only), so the two train shards hold the same images under different keys: each rank's batch then has
+    the global batch's statistics. Nothing draws per rank or row (the demo recipe: no augmentation, Mixup,
+    CutMix or drop-path), so the mean of the two ranks' losses is the loss of the global batch."""
+    root = twin_shards(tmp_path / "twins")
+    flags = ["--shards", str(root), "--model", "fan_demo_tiny_p8", "--epochs", "1", "--max-steps", "1",
+             "--opt", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--weight-decay", "0", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "labeler.train", *flags, "--batch-size", "16", "--out", str(tmp_path / "ddp")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main([*flags, "--batch-size", "32", "--out", str(tmp_path / "one")])
+
+    (ddp,), (one,) = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
+    for key in ("train_loss", "train_loss_cls", "train_loss_dense"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
+    assert (ddp["world_size"], one["world_size"]) == (2, 1)
+    assert ddp["train_samples"] == one["train_samples"] == 32
+    assert ddp["top1"] == one["top1"] and ddp["token_fg_acc"] == one["token_fg_acc"]  # 20 val images, 2 ranks
+    initial = LabelerRun(parse_args([*flags, "--batch-size", "32", "--out", str(tmp_path / "init")])).model.state_dict()
+    a, b = (read_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("ddp", "one"))
+    for key in a:  # SGD: the update is linear in the gradient, so DDP's averaged gradient must match closely
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-6), key
+    assert sum(float((a[key].float() - initial[key].float()).abs().sum()) for key in a) > 1.0
+    assert not (tmp_path / "ddp" / "last.pt.partial").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(shards, straight, capsys):

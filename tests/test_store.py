@@ -2,6 +2,7 @@
 
 import dataclasses
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from dump.show import show
 from dump.store import (
     LabelStore,
     check_matches,
@@ -22,7 +24,10 @@ from dump.store import (
     open_store,
     store_attrs,
     store_lock,
+    store_shards,
 )
+from dump.verify import main as verify_main
+from dump.verify import verify_store
 from shards.demo import build_demo
 from shards.errors import UserError
 from shards.manifest import Manifest, load_manifest
@@ -128,6 +133,31 @@ def test_check_matches_refuses_stores_that_do_not_fit(store, demo_shards, tmp_pa
     zarr.open_group(store.path, mode="r+")["done"][1] = 0
     with pytest.raises(UserError, match=r"incomplete label store \(3 of 4 shards done\); run the same dump"):
         check_matches(LabelStore(store.path), manifest, "train")
+
+
+def test_a_store_finds_its_shards_wherever_it_lives(store, demo_shards, tmp_path, capsys):
+    """--shards, else a <dataset>/labels/ placement, else the dataset folder the store records; else one line."""
+    assert store.attrs["dataset"]["root"] == str(demo_shards.resolve())
+    assert store_shards(store) == demo_shards.resolve()  # the store lives outside any dataset: its record
+    failures, summary = verify_store(store.path)
+    assert failures == [] and summary.startswith("ok: 20 rows")
+    show(store.path, split_keys(demo_shards, "train")[0], tmp_path / "sample.png")
+    assert (tmp_path / "sample.png").stat().st_size > 0
+    other = tmp_path / "other"  # placed under another dataset's labels/: that dataset, whose digest then differs
+    build_demo(other, train=14, val=2, per_shard=6)
+    (other / "labels").mkdir()
+    shutil.copytree(store.path, other / "labels" / "copy.zarr")
+    assert store_shards(open_store(other / "labels" / "copy.zarr")) == other
+    moved = tmp_path / "moved.zarr"  # its dataset moved away, and no labels/ folder to fall back on
+    shutil.copytree(store.path, moved)
+    group = zarr.open_group(moved, mode="r+")
+    group.attrs["dataset"] = {**group.attrs["dataset"], "root": str(tmp_path / "gone")}
+    with pytest.raises(UserError, match=rf"moved.zarr: no manifest.json in {tmp_path / 'gone'} \(the dataset it "
+                                        r"records\); pass --shards DIR$"):
+        store_shards(open_store(moved))
+    assert store_shards(open_store(moved), demo_shards) == demo_shards
+    verify_main([str(moved), "--shards", str(demo_shards)])  # the recorded folder is not part of the check
+    assert capsys.readouterr().out.startswith("ok: 20 rows")
 
 
 def test_open_store_and_identity_messages(tmp_path, store):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+import zarr
 from PIL import Image
 
+from core.checkpoint import read_checkpoint, save_checkpoint
+from core.engine import train_step
 from dump.lvvit import import_lvvit
-from labeler.checkpoint import read_checkpoint, save_checkpoint
 from shards.build import build
 from shards.demo import build_demo
 from shards.reader import split_keys
@@ -99,11 +102,11 @@ def test_each_student_family_lowers_the_loss(dataset, tmp_path, model, flags):
     assert run.grid == ((8, 8) if model.startswith("fan") else (4, 4))
     batch = next(iter(run.loader()))
     with torch.no_grad():
-        before, parts = run.runner.loss(batch, 0, 0)
+        before, parts = run.objective(batch, 0, 0)
     assert set(parts) == {"cls", "token"}
     run.run()
     with torch.no_grad():
-        after, _ = run.runner.loss(batch, 0, 0)
+        after, _ = run.objective(batch, 0, 0)
     assert after < 0.9 * before, (model, float(before), float(after))
     assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     assert read_checkpoint(tmp_path / "last.pt")["train_state"]["step"] == 8
@@ -180,7 +183,7 @@ def test_online_labeler_makes_the_targets_without_a_store(tmp_path):
     assert run.train_data.store is None and run.grid == (8, 8)
     batch = next(iter(run.loader()))
     assert torch.equal(batch["clean"], batch["image"])  # no photometric op: the teacher sees the student's view
-    _, tokens, valid = run.runner.targets(batch, torch.Generator().manual_seed(0))
+    _, tokens, valid = run.objective.targets(batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, logits, grid = run.labeler.forward_dense(batch["clean"])
     expected = logits.softmax(-1).transpose(1, 2).unflatten(2, grid)
@@ -216,10 +219,28 @@ def test_each_mode_takes_a_step(dataset, tmp_path, flags):
     _, store = dataset
     run = make_run(*argv(store, tmp_path, "--model", "vit_tiny_patch16_224", "--patch-size", "16", *flags))
     before = [p.detach().clone() for p in run.student.parameters()]
-    parts = run.runner.step(next(iter(run.loader())), 0, 0)
+    parts = train_step(run.objective, run.optim, next(iter(run.loader())), 0, 0)
     assert all(np.isfinite(v) for v in parts.values())
     assert ("loss_token" in parts) == ("--no-token-labels" not in flags)
     assert any(not torch.equal(a, b) for a, b in zip(before, run.student.parameters()))
+
+
+def test_a_store_outside_its_dataset_trains_from_its_record_or_shards(dataset, tmp_path, capsys):
+    root, store = dataset
+    elsewhere = tmp_path / "stores" / "maps.zarr"
+    shutil.copytree(store, elsewhere)
+    assert make_run(*argv(elsewhere, tmp_path / "a")).shards == root.resolve()
+    assert make_run(*argv(elsewhere, tmp_path / "b", "--shards", str(root))).shards == root
+    group = zarr.open_group(elsewhere, mode="r+")
+    group.attrs["dataset"] = {**group.attrs["dataset"], "root": str(tmp_path / "gone")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(elsewhere, tmp_path / "c"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {elsewhere}: no manifest.json in {tmp_path / 'gone'} (the dataset it records); pass --shards DIR"]
+    main(argv(elsewhere, tmp_path / "d", "--shards", str(root), "--max-steps", "1"))
+    assert [r["epoch"] for r in metrics(tmp_path / "d")] == [1]
 
 
 def other_class_count_dataset(root: Path) -> Path:

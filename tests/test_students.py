@@ -8,7 +8,7 @@ import torch
 from shards.errors import UserError
 from train.losses import token_label_loss
 from train.mixing import MixInfo, flip_perm, sample_mixtoken
-from train.students import build_student
+from train.models import build_student
 
 K = 5
 # (name, img_size, timm kwargs, expected token grid)

@@ -16,7 +16,6 @@ convention and train.geometry.resample_maps for turning it into per-token labels
 
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +27,10 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, to_tensor
 
+from core.eval_view import centre_box, centre_view, check_crop_pct
+from core.posterize import safe_posterize
 from shards.errors import UserError
 from train.geometry import (
-    center_crop_mapping,
     crop_mapping,
     hflip_mapping,
     rotate_mapping,
@@ -79,27 +79,6 @@ def _translate_x_rel(canvas: _Canvas, pct: float, **_) -> _Canvas:
 
 def _translate_y_rel(canvas: _Canvas, pct: float, **_) -> _Canvas:
     return canvas.then(translate_mapping(0.0, pct * canvas.size))
-
-
-def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, also at 0 bits (black, as Pillow < 13 gave; Pillow 13 raises, and timm's
-    PosterizeIncreasing asks for 0 bits whenever the drawn magnitude reaches 10)."""
-    if bits_to_keep >= 8:
-        return img
-    mask = (0xFF << (8 - max(bits_to_keep, 0))) & 0xFF
-    return img.point([i & mask for i in range(256)] * len(img.getbands()))
-
-
-POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
-
-
-def safe_posterize(transform: Any) -> Any:
-    """`transform` (a timm create_transform Compose, or a RandAugment) with its posterize ops made safe at 0 bits."""
-    for t in getattr(transform, "transforms", [transform]):
-        for op in getattr(t, "ops", []):
-            if op.name in POSTERIZE_OPS:
-                op.aug_fn = posterize
-    return transform
 
 
 # timm RandAugment op name -> the same op acting on the mapping; every other op is photometric
@@ -208,7 +187,7 @@ class LabelAwareTransform:
 
 
 class LabelAwareEvalTransform:
-    """Eval view: the centred square of side crop_pct * shorter side at S x S, with its mapping, as
+    """Eval view (core.eval_view: the centred square of side crop_pct * shorter side at S x S) with its mapping, as
     (normalised tensor [3, S, S], mapping float32 [3, 3]). crop_pct=1 is the view a labeler's footprint
     describes (dump.store.footprint_box)."""
 
@@ -216,15 +195,15 @@ class LabelAwareEvalTransform:
                  mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD):
         if interpolation == "random":
             raise UserError("interpolation 'random' is for training; use 'bicubic' or 'bilinear' for eval")
-        self.img_size, self.crop_pct = img_size, crop_pct
+        self.img_size, self.crop_pct = img_size, check_crop_pct(crop_pct)
         self.resample = _pil_resample(interpolation)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.fill = _fill(self.mean)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
         img = img if img.mode == "RGB" else img.convert("RGB")
-        mapping = center_crop_mapping(img.size, self.img_size, self.crop_pct).astype(np.float32)
-        out = warp_image(img, mapping, self.img_size, self.resample, self.fill)
+        x0, y0, x1, y1 = centre_box(*img.size, self.crop_pct)
+        mapping = crop_mapping(x0, y0, x1 - x0, y1 - y0, self.img_size).astype(np.float32)
+        out = centre_view(img, self.img_size, self.crop_pct, self.resample)
         return normalize(to_tensor(out), self.mean, self.std), mapping
 
     def __repr__(self) -> str:

@@ -4,12 +4,11 @@ In the DataLoader workers each sample gets its row of the store (joined by its r
 chunk read per shard) and its augmented image with the one mapping (output pixel -> original image) that its
 spatial transforms compose to. On the training device, `token_label_targets` resamples the stored top-k maps
 through each mapping onto the student's token grid and draws the token targets, batched.
-Augmentation is seeded per (seed, epoch, sample row), so a sample looks the same whatever the number of
-workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
+Augmentation is seeded per (seed, epoch, sample row) (core.data.TrainSplit), so a sample looks the same
+whatever the number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
 """
 
 import bisect
-import random
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,25 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import normalize, to_tensor
 
-from dump.store import LabelStore, check_matches, footprint_box, open_store
+from core.data import TrainSplit
+from dump.store import LabelStore, check_matches, footprint_box, open_store, store_shards
 from shards.errors import UserError
 from shards.manifest import MANIFEST, load_manifest
-from shards.reader import ShardReader
 from train.augment import LabelAwareTransform
 from train.geometry import warp_image
 from train.targets import HardTokens, stored_token_targets
 
 
-def resolve_labels(path: str | Path, need_store: bool = True) -> tuple[Path, Path | None]:
-    """(shard folder, label store) from `--labels`: a store `<dataset>/labels/<name>.zarr`, or a dataset folder
-    holding exactly one store (with several, they are listed)."""
+def resolve_labels(path: str | Path, need_store: bool = True, shards: str | Path | None = None
+                   ) -> tuple[Path, Path | None]:
+    """(shard folder, label store) from `--labels` and `--shards`: a store, whose shards are `shards` or those
+    dump.store.store_shards finds (its <dataset>/labels/ folder, else the dataset it records); or a dataset
+    folder holding exactly one store under labels/ (with several, they are listed)."""
     path = Path(path)
     if path.suffix == ".zarr" or (path / "zarr.json").is_file():
-        return path.parent.parent, path
+        return store_shards(open_store(path), shards), path
+    if shards is not None:
+        raise UserError(f"--shards {shards}: give it with a label store in --labels, not with a dataset folder ({path})")
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path}: neither a label store (.zarr) nor a shard folder with {MANIFEST}")
     stores = sorted((path / "labels").glob("*.zarr"))
@@ -45,14 +48,6 @@ def resolve_labels(path: str | Path, need_store: bool = True) -> tuple[Path, Pat
         raise UserError(f"{path}/labels holds {len(stores)} stores ({', '.join(s.name for s in stores)}); "
                         "pass one of them to --labels")
     return path, stores[0]
-
-
-def seed_sample(*parts: int) -> None:
-    """Seed the global RNGs that timm's and torchvision's transforms draw from, for one sample."""
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class StoreJoin:
@@ -78,14 +73,12 @@ class StoreJoin:
 class StudentSample:
     """Worker-side transform: augmented image, its mapping, the footprint of its map, and the stored row."""
 
-    def __init__(self, transform: LabelAwareTransform, footprint: dict[str, Any] | None, seed: int,
+    def __init__(self, transform: LabelAwareTransform, footprint: dict[str, Any] | None,
                  clean_size: int | None = None):
-        self.transform, self.footprint, self.seed = transform, footprint, seed
+        self.transform, self.footprint = transform, footprint
         self.clean_size = clean_size  # online-teacher mode: also the clean view through the same mapping
-        self.epoch = 0
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        seed_sample(self.seed, self.epoch, sample["index"])
         image, mapping = self.transform(sample["image"])
         out = {"image": image, "cls": sample["cls"], "index": sample["index"], "mapping": mapping}
         if self.footprint is not None:
@@ -97,7 +90,7 @@ class StudentSample:
         return out
 
 
-class StudentData(ShardReader):
+class StudentData(TrainSplit):
     """Training split of a dataset for a student: shards joined with a label store (or none, for baselines)."""
 
     def __init__(self, shards: str | Path, store: Path | None, transform: LabelAwareTransform, *, seed: int = 0,
@@ -108,13 +101,8 @@ class StudentData(ShardReader):
             self.store = open_store(store)
             check_matches(self.store, manifest, split)
         annotate = StoreJoin(self.store, manifest.offsets(split)) if self.store else None
-        sample = StudentSample(transform, self.store.footprint if self.store else None, seed, clean_size)
-        super().__init__(shards, split, shuffle=True, seed=seed, annotate=annotate, transform=sample,
-                         **reader_kwargs)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.transform.epoch = epoch
+        sample = StudentSample(transform, self.store.footprint if self.store else None, clean_size)
+        super().__init__(shards, sample, seed=seed, split=split, annotate=annotate, **reader_kwargs)
 
 
 def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_size: int, grid: tuple[int, int], *,

@@ -1,4 +1,4 @@
-"""Batch mixing that keeps token labels right: CutMix on the token grid, Mixup, and MixToken boxes.
+"""Batch mixing that keeps token labels right: CutMix on the token grid, Mixup, and MixToken.
 
 One draw per batch; each sample's partner is the batch flipped along dim 0 (as timm and LV-ViT do).
 - cutmix: a box of whole tokens is pasted from the partner into the pixels (box x patch size), the token
@@ -6,17 +6,20 @@ One draw per batch; each sample's partner is the batch flipped along dim 0 (as t
   image. (STL leaves token labels unmixed under CutMix; LV-ViT blends whole maps regardless of the box.)
 - mixup: pixels, token targets and class targets are blended with one lam; a token stays valid only where
   both images' tokens are.
-- mixtoken (LV-ViT): the model pastes the box into its patch tokens after the patch embedding and pastes it
-  back into its token outputs (`mix_tokens` both times), so token targets stay as they are and only the class
-  target mixes.
+- mixtoken (LV-ViT): `mixtoken_forward` pastes the box into the model's patch tokens after its patch embedding
+  (a forward hook) and pastes it back into its token outputs (`mix_tokens` both times), so token targets stay
+  as they are and only the class target mixes.
 Boxes are (top, bottom, left, right) in tokens, half-open. `MixInfo` records the draw for the trainer and
 TL-Align (`MixInfo.source` gives which sample each token's content comes from).
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
+from torch import nn
 
 from shards.errors import UserError
 from train.targets import HardTokens
@@ -81,6 +84,47 @@ def mix_tokens(x: torch.Tensor, info: MixInfo, num_prefix_tokens: int = 0) -> to
     patches = x[:, num_prefix_tokens:].unflatten(1, info.grid).movedim(-1, 1)
     mixed = _paste(patches, info.perm, info.box).movedim(1, -1).flatten(1, 2)
     return torch.cat([x[:, :num_prefix_tokens], mixed], dim=1)
+
+
+def _on_grid(info: MixInfo, embed_grid: tuple[int, int]) -> MixInfo:
+    """The token-grid MixToken draw moved onto a patch-embedding grid that is an integer multiple of it."""
+    (h, w), (H, W) = info.grid, embed_grid
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"patch-embedding grid {embed_grid} is not a square multiple of the token grid {info.grid}")
+    return replace(info, box=tuple(v * (H // h) for v in info.box), grid=(H, W))
+
+
+def _mix_embedding(x: torch.Tensor, layout: str, info: MixInfo) -> torch.Tensor:
+    """MixToken on a patch-embedding output in layout NLC, NHWC or NCHW."""
+    if layout == "NCHW":
+        return _mix_embedding(x.permute(0, 2, 3, 1), "NHWC", info).permute(0, 3, 1, 2)
+    if layout == "NHWC":
+        return mix_tokens(x.flatten(1, 2), _on_grid(info, x.shape[1:3])).unflatten(1, x.shape[1:3])
+    h, w = info.grid
+    scale = round((x.shape[1] / (h * w)) ** 0.5)
+    if x.shape[1] != h * w * scale**2:
+        raise ValueError(f"{x.shape[1]} patch-embedding tokens do not tile the token grid {info.grid}")
+    return mix_tokens(x, _on_grid(info, (h * scale, w * scale)))
+
+
+def _mix_hook(module: nn.Module, args: tuple, output, layout: str, info: MixInfo):
+    if isinstance(output, tuple):  # FAN-style (tokens, (H, W))
+        return (_mix_embedding(output[0], layout, info), *output[1:])
+    return _mix_embedding(output, layout, info)
+
+
+def mixtoken_forward(dense: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], patch_embed: nn.Module,
+                     layout: str, x: torch.Tensor, info: MixInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class logits, token logits [B, h*w, K]) of `dense(x)` under a MixToken draw: inside info.box the output of
+    `patch_embed` (layout NLC, NHWC or NCHW, or FAN's (tokens, (H, W)); its grid an integer multiple of the token
+    grid) is each sample's partner's, and the token logits are pasted back, so they line up with each sample's
+    own token labels; only the class target mixes (apply_mix)."""
+    handle = patch_embed.register_forward_hook(partial(_mix_hook, layout=layout, info=info))
+    try:
+        cls, tokens = dense(x)
+    finally:
+        handle.remove()
+    return cls, mix_tokens(tokens, info)
 
 
 def _paste(x: torch.Tensor | HardTokens, perm: torch.Tensor, box: Box, scale: int = 1) -> torch.Tensor | HardTokens:

@@ -1,11 +1,10 @@
-"""Labeler checkpoints: one file holding the model's identity, its live and EMA weights, and the training state."""
+"""Checkpoints of both trainers: one file holding the model's identity, its live and EMA weights, and the training state."""
 
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -60,22 +59,3 @@ def file_sha256(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Build the checkpoint's model with its EMA weights, in eval mode, plus its identity (name, K, input size, sha256)."""
-    import labeler.fan  # noqa: F401  (registers the FAN models with timm)
-
-    ckpt = read_checkpoint(path)
-    if ckpt.get("kind", "labeler") != "labeler":
-        raise UserError(f"{path}: is a {ckpt['kind']} checkpoint, not a labeler's; pass DIR/last.pt of labeler.train")
-    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
-    model.load_state_dict(ckpt["ema"])
-    model.to(device).eval()
-    meta = {
-        "model": ckpt["model"],
-        "num_classes": ckpt["num_classes"],
-        "img_size": ckpt["img_size"],
-        "sha256": file_sha256(path),
-        "epoch": ckpt["train_state"].get("epoch"),
-    }
-    return model, meta

@@ -1,12 +1,11 @@
-"""One student training step and epoch: targets from the stored maps (or an online labeler), mixing, TL-Align, loss.
+"""The student's part of a training step: targets from the stored maps (or an online labeler), mixing, TL-Align, loss.
 
-Every random draw of a step (mixing, Gumbel samples, drop-path) is seeded by (seed, epoch, step, rank), and every
-sample's augmentation by (seed, epoch, row), so a run resumed from an epoch checkpoint repeats exactly what the
-uninterrupted run did, DataLoader workers or ranks do not change what a sample looks like, and ranks draw
-independent noise for their local batches.
+Every random draw of a step (mixing, Gumbel samples, drop-path) is seeded by (seed, epoch, step, rank)
+(core.seeding), so a run resumed from an epoch checkpoint repeats exactly what the uninterrupted run did and
+ranks draw independent noise for their local batches. The rest of the step (backward, optimizer, schedule,
+EMA) is core.engine's.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.optim import autocast
+from core.seeding import step_seed
 from train.data import token_label_targets
 from train.losses import token_label_loss
 from train.mixing import Mixer, MixInfo, apply_mix, flip_perm, mix_tokens, sample_mixtoken
@@ -43,35 +44,18 @@ class StepConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     tl_align: str = "off"
-    clip_grad: float | None = None
     seed: int = 0
     rank: int = 0                   # distributed rank: part of every step's seed
 
 
-def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, epoch, step, rank, 7]).generate_state(1)[0])
+class StudentObjective:
+    """`objective(batch, epoch, step) -> (loss, parts)` for core.engine: turns a batch into targets, mixes it
+    and runs the student (through `module`, core.distributed.training_module(student))."""
 
-
-class TrainForward(nn.Module):
-    """What DDP wraps: the student's dense forward (optionally with a MixToken draw) or its plain forward."""
-
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def forward(self, x: torch.Tensor, dense: bool = True, mix: MixInfo | None = None):
-        return self.student.forward_dense(x, mix) if dense else self.student(x)
-
-
-class StepRunner:
-    """Turns a batch into targets, runs the student, and takes one optimizer step."""
-
-    def __init__(self, cfg: StepConfig, student: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, *, module: nn.Module | None = None, labeler: nn.Module | None = None,
-                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None):
-        self.cfg, self.student, self.optimizer, self.device = cfg, student, optimizer, device
-        self.module = module or TrainForward(student)  # DDP(TrainForward(student)) when distributed
-        self.labeler, self.amp_dtype, self.scaler = labeler, amp_dtype, scaler
+    def __init__(self, cfg: StepConfig, student: nn.Module, module: nn.Module, device: torch.device, *,
+                 labeler: nn.Module | None = None, amp_dtype: torch.dtype | None = None):
+        self.cfg, self.student, self.module, self.device = cfg, student, module, device
+        self.labeler, self.amp_dtype = labeler, amp_dtype
         self.mixer = None
         if cfg.mix in ("cutmix", "mixup", "both"):
             self.mixer = Mixer(cfg.grid, cfg.mixup_alpha if cfg.mix in ("mixup", "both") else 0.0,
@@ -99,7 +83,7 @@ class StepRunner:
                        ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor]:
         """STL's online teacher: the labeler on the clean, spatially aligned view, inside the step."""
         c = self.cfg
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             _, token_logits, grid = self.labeler.forward_dense(clean)
         probs = token_logits.float().softmax(-1).transpose(1, 2).unflatten(2, grid)  # [B, K, h', w']
         if tuple(grid) != tuple(c.grid):
@@ -116,11 +100,10 @@ class StepRunner:
             return self.mixer.sample(batch_size)
         return MixInfo("none", 1.0, None, flip_perm(batch_size), c.grid)
 
-    def loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, detached parts) of the student in training mode on `batch` as step (epoch, step) draws it."""
         c = self.cfg
-        seed = step_seed(c.seed, epoch, step, c.rank)
-        torch.manual_seed(seed)  # drop-path and anything else drawing from torch's global RNG
+        seed = step_seed(c.seed, epoch, step, c.rank)  # also drop-path and all else drawing from global RNGs
         generator = torch.Generator(self.device).manual_seed(seed)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         cls_t, tok_t, valid = self.targets(batch, generator)
@@ -133,33 +116,13 @@ class StepRunner:
         elif tok_t is not None:  # [B, K, h, w] -> [B, N, K] and [B, N]
             tok_t, valid = tok_t.flatten(2).transpose(1, 2), valid.flatten(1)
         self.module.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             cls_logits, token_logits, aligned = self.forward(images, batch["cls"], cls_t, tok_t, info)
         if aligned is not None:
             cls_t = aligned.cls
             tok_t = aligned.tokens if c.tl_align == "dense" and tok_t is not None else tok_t
         return token_label_loss(cls_logits.float(), cls_t, None if token_logits is None else token_logits.float(),
                                 tok_t, valid, c.beta)
-
-    def step(self, batch: dict[str, Any], epoch: int, step: int) -> dict[str, float]:
-        """One optimizer step on `batch` (tensors on any device); returns the loss parts."""
-        loss, parts = self.loss(batch, epoch, step)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or check the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.cfg.clip_grad:
-            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in parts.items()}}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, cls_t: torch.Tensor, tok_t: torch.Tensor | None,
                 info: MixInfo):

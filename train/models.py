@@ -8,19 +8,16 @@ Supported families (the timm class decides, not the name):
 - VOLO: timm `VOLO` (`volo_d1_224`, ...). Its own `aux_head` is the dense head and `head` gives the class logits
   (timm's `forward_train` returns the normed class feature in training and a broken sum in eval, so it is not used).
   Tokens sit on the stride-16 grid; the patch embedding is on the stride-8 grid, where MixToken boxes are doubled.
-- FAN (labeler/fan.py) and any model with `forward_dense(x) -> (cls_logits, token_logits, grid)` and a `patch_embed`
+- FAN (labeler.fan) and any model with `forward_dense(x) -> (cls_logits, token_logits, grid)` and a `patch_embed`
   returning tokens [B, N, C] (or `(tokens, grid)`) on the token grid.
 
-`Student.forward` is the timm model's own forward (for VOLO that already adds 0.5 x the token max). MixToken (LV-ViT)
-mixes the patch-embedding output inside a box given in token units (a train.mixing.MixInfo; the partner is the batch
-flipped along dim 0) and un-mixes the token logits with the same box, so token i of sample b always predicts sample
-b's label at i.
+`Student.forward` is the timm model's own forward (for VOLO that already adds 0.5 x the token max). MixToken
+(LV-ViT, train.mixing.mixtoken_forward) mixes the patch-embedding output inside a box given in token units and
+un-mixes the token logits with the same box, so token i of sample b always predicts sample b's label at i.
 """
 
 import copy
 import difflib
-from dataclasses import replace
-from functools import partial
 
 import timm
 import torch
@@ -29,38 +26,11 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.volo import VOLO
 from torch import nn
 
-import labeler.fan  # noqa: F401  (registers the FAN models with timm)
+import labeler  # noqa: F401  (registers the FAN models with timm)
 from shards.errors import UserError
-from train.mixing import MixInfo, mix_tokens
+from train.mixing import MixInfo, mixtoken_forward
 
 FAMILIES = "timm ViT/DeiT (VisionTransformer), timm VOLO, FAN (labeler.fan) or any model with forward_dense"
-
-
-def _on_grid(info: MixInfo, embed_grid: tuple[int, int]) -> MixInfo:
-    """The token-grid MixToken draw moved onto a patch-embedding grid that is an integer multiple of it."""
-    (h, w), (H, W) = info.grid, embed_grid
-    if H % h or W % w or H // h != W // w:
-        raise ValueError(f"patch-embedding grid {embed_grid} is not a square multiple of the token grid {info.grid}")
-    return replace(info, box=tuple(v * (H // h) for v in info.box), grid=(H, W))
-
-
-def _mix_embedding(x: torch.Tensor, layout: str, info: MixInfo) -> torch.Tensor:
-    """MixToken on a patch-embedding output in layout NLC, NHWC or NCHW."""
-    if layout == "NCHW":
-        return _mix_embedding(x.permute(0, 2, 3, 1), "NHWC", info).permute(0, 3, 1, 2)
-    if layout == "NHWC":
-        return mix_tokens(x.flatten(1, 2), _on_grid(info, x.shape[1:3])).unflatten(1, x.shape[1:3])
-    h, w = info.grid
-    scale = round((x.shape[1] / (h * w)) ** 0.5)
-    if x.shape[1] != h * w * scale**2:
-        raise ValueError(f"{x.shape[1]} patch-embedding tokens do not tile the token grid {info.grid}")
-    return mix_tokens(x, _on_grid(info, (h * scale, w * scale)))
-
-
-def _mix_hook(module: nn.Module, args: tuple, output, layout: str, info: MixInfo):
-    if isinstance(output, tuple):  # FAN-style (tokens, (H, W))
-        return (_mix_embedding(output[0], layout, info), *output[1:])
-    return _mix_embedding(output, layout, info)
 
 
 class Student(nn.Module):
@@ -107,13 +77,8 @@ class Student(nn.Module):
         if mix.mode != "mixtoken" or tuple(mix.grid) != grid:
             raise ValueError(f"forward_dense mixes tokens only for a mixtoken draw on the grid {grid}, "
                              f"got {mix.mode} on {mix.grid}")
-        hook = partial(_mix_hook, layout=self.embed_layout, info=mix)
-        handle = self.model.patch_embed.register_forward_hook(hook)
-        try:
-            cls, tokens = self._dense(x)
-        finally:
-            handle.remove()
-        return cls, mix_tokens(tokens, mix), grid
+        cls, tokens = mixtoken_forward(self._dense, self.model.patch_embed, self.embed_layout, x, mix)
+        return cls, tokens, grid
 
     def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

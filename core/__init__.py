@@ -1,0 +1,1 @@
+"""Plumbing both trainers share: checkpoints, the eval view, seeding, ranks, optimisation, the engine, resume."""

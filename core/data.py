@@ -1,0 +1,53 @@
+"""The training split both trainers read, and how many full batches every rank gets from it each epoch.
+
+Shards are shuffled per epoch and dealt to ranks, then to DataLoader workers (shards.reader.ShardReader), so
+each sample is read at most once per epoch across ranks; its transform runs with the global RNGs seeded by
+(seed, epoch, row) (core.seeding).
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.seeding import seed_all
+from shards.errors import UserError
+from shards.reader import ShardReader
+
+
+class SeededTransform:
+    """A worker-side sample transform whose random draws are seeded by (seed, epoch, the sample's row)."""
+
+    def __init__(self, transform: Callable[[dict[str, Any]], Any], seed: int):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        seed_all(self.seed, self.epoch, sample["index"])
+        return self.transform(sample)
+
+
+class TrainSplit(ShardReader):
+    """A shuffled split (default: train) whose samples go through `transform` seeded per sample."""
+
+    def __init__(self, root: str | Path, transform: Callable[[dict[str, Any]], Any], *, seed: int = 0,
+                 split: str = "train", **reader_kwargs):
+        super().__init__(root, split, shuffle=True, seed=seed, transform=SeededTransform(transform, seed),
+                         **reader_kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.transform.epoch = epoch
+
+
+def steps_per_epoch(data: ShardReader, batch_size: int, world: int, cap: int | None = None) -> int:
+    """Full batches that every rank holds in every epoch: ranks must take equal steps.
+
+    Rank r reads shards r, r + world, ... of the epoch's shuffled order, so it holds at least the
+    len(shards) // world smallest shards, whatever the epoch.
+    """
+    counts = sorted(count for _, count in data.manifest.shards(data.split))
+    smallest = sum(counts[: len(counts) // world])
+    steps = smallest // batch_size
+    if steps == 0:
+        raise UserError(f"{data.manifest.root}: a rank may hold only {smallest} {data.split} images "
+                        f"({len(counts)} shards over {world} rank(s)), fewer than --batch-size {batch_size}; lower it")
+    return min(steps, cap) if cap else steps

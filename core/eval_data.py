@@ -1,0 +1,65 @@
+"""Evaluation samples: the eval view of each image (core.eval_view), optionally corrupted, and its mask.
+
+One DataLoader streams a split once per setting (clean first, then each corruption and severity), every sample
+tagged with its setting, so its workers start once and never idle between passes. Under torchrun each rank
+reads its own shards of the split (the counts are summed over ranks).
+"""
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import IterableDataset
+
+from core.corruptions import corrupt_pixels
+from core.eval_view import centre_view, check_crop_pct
+from shards.errors import UserError
+from shards.reader import ShardReader
+
+
+class EvalTransform:
+    """Sample dict -> {"image": normalised [3, S, S], "cls"[, "mask": long [S, S]]}: the eval view, then an
+    optional corruption (seeded by the key) on its uint8 pixels. With `masks` the mask (class + 1 per pixel)
+    takes the same view with nearest resampling, so it lines up with the input pixels."""
+
+    def __init__(self, img_size: int, corruption: str | None = None, severity: int = 0, *, crop_pct: float = 1.0,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 masks: bool = False):
+        self.img_size, self.corruption, self.severity = img_size, corruption, severity
+        self.crop_pct, self.masks = check_crop_pct(crop_pct), masks
+        self.mean = np.array(mean, np.float32) * 255
+        self.std = np.array(std, np.float32) * 255
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        pixels = np.asarray(centre_view(sample["image"], self.img_size, self.crop_pct))
+        if self.corruption:
+            pixels = corrupt_pixels(pixels, sample["key"], self.corruption, self.severity)
+        image = torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).astype(np.float32))
+        out = {"image": image, "cls": sample["cls"]}
+        if self.masks:
+            if sample["mask"] is None:
+                raise UserError(f"{sample['key']}: no .mask.png although manifest.json says the dataset has masks")
+            mask = centre_view(sample["mask"], self.img_size, self.crop_pct, Image.Resampling.NEAREST)
+            out["mask"] = torch.from_numpy(np.asarray(mask, np.int64))
+        return out
+
+
+class EvalPasses(IterableDataset):
+    """A split once per setting ((None, 0) = clean, else (corruption, severity)), each sample with its `setting`."""
+
+    def __init__(self, shards: str | Path, split: str, img_size: int, settings: Sequence[tuple[str | None, int]],
+                 **view: Any):
+        self.readers = [ShardReader(shards, split, transform=EvalTransform(img_size, name, severity, **view))
+                        for name, severity in settings]
+
+    def __len__(self) -> int:
+        return sum(len(reader) for reader in self.readers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for setting, reader in enumerate(self.readers):
+            for sample in reader:
+                yield {**sample, "setting": setting}

@@ -1,0 +1,34 @@
+"""A labeler from its checkpoint: the model with its EMA weights, in eval mode, and its identity."""
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from core.checkpoint import file_sha256, read_checkpoint
+from shards.errors import UserError
+
+
+def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model with its EMA weights, in eval mode, and its identity: name, K, input size,
+    sha256, epoch, and the input normalisation (mean, std) of its data config."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("kind", "labeler") != "labeler":
+        raise UserError(f"{path}: is a {ckpt['kind']} checkpoint, not a labeler's; pass DIR/last.pt of labeler.train")
+    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["ema"])
+    model.to(device).eval()
+    config = resolve_model_data_config(model)
+    meta = {
+        "model": ckpt["model"],
+        "num_classes": ckpt["num_classes"],
+        "img_size": ckpt["img_size"],
+        "sha256": file_sha256(path),
+        "epoch": ckpt["train_state"].get("epoch"),
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+    }
+    return model, meta

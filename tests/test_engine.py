@@ -1,0 +1,137 @@
+"""The engine both trainers share: one eval view, full batches on every rank, host reads only at log points, layering."""
+
+import argparse
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from core.data import steps_per_epoch
+from core.engine import train_one_epoch
+from core.eval_data import EvalTransform
+from core.eval_view import centre_box
+from core.optim import Optimization
+from dump.dump_labels import labeler_input
+from dump.store import footprint_box, make_footprint
+from shards.build import build
+from shards.reader import ShardReader
+from train.augment import LabelAwareEvalTransform
+
+REPO = Path(__file__).resolve().parents[1]
+# package -> the packages of this repository it may import (no cycles: each only imports those below it)
+LAYERS = {"shards": set(), "core": {"shards"}, "labeler": {"shards", "core"}, "dump": {"shards", "core", "labeler"},
+          "train": {"shards", "core", "labeler", "dump"}, "pipeline": {"shards", "core", "labeler", "dump", "train"}}
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_every_eval_view_is_the_same_centre_square(crop_pct):
+    """The dump's labeler input, the evaluation's view and the students' eval view with its mapping: one rule."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8))
+    size, zeros, ones = 48, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    dumped = labeler_input(image, make_footprint(size, crop_pct), zeros, ones)
+    evaluated = EvalTransform(size, crop_pct=crop_pct, mean=zeros, std=ones)({"image": image, "cls": 0})["image"]
+    student, mapping = LabelAwareEvalTransform(size, crop_pct=crop_pct, mean=zeros, std=ones)(image)
+    torch.testing.assert_close(evaluated, dumped, rtol=0, atol=1e-6)
+    torch.testing.assert_close(student, dumped, rtol=0, atol=1e-6)
+    side = crop_pct * 90
+    box = ((150 - side) / 2, (90 - side) / 2, (150 + side) / 2, (90 + side) / 2)
+    assert centre_box(150, 90, crop_pct) == footprint_box(make_footprint(size, crop_pct), 150, 90) == box
+    corners = mapping.astype(np.float64) @ np.array([[0, size], [0, size], [1, 1]])
+    np.testing.assert_allclose(corners[:2].T.ravel(), box, atol=1e-4)
+
+
+def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
+    """Uneven shards (7, 7, 7, 7, 3): the step count holds for every rank of every epoch's shuffled deal."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 31), ("val", 1)):
+        for i in range(count):
+            (tmp_path / "folder" / split / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "folder" / split / "a" / f"{i}.png")
+    build(tmp_path / "folder", tmp_path / "shards", per_shard=7, seed=0, overwrite=False)
+    data = ShardReader(tmp_path / "shards", "train", shuffle=True, seed=3)
+    for world, batch in ((1, 4), (2, 5), (3, 3), (4, 2)):
+        least = min(len(at_epoch(tmp_path / "shards", rank, world, epoch))
+                    for rank in range(world) for epoch in range(20))
+        assert steps_per_epoch(data, batch, world) == least // batch, (world, batch)
+    assert steps_per_epoch(data, 4, 1, cap=2) == 2
+
+
+def at_epoch(root: Path, rank: int, world: int, epoch: int) -> ShardReader:
+    reader = ShardReader(root, "train", shuffle=True, seed=3, rank=rank, world_size=world)
+    reader.set_epoch(epoch)
+    return reader
+
+
+def objective_of(model: nn.Module, poison_step: int | None = None):
+    """A least-squares objective whose loss turns NaN at `poison_step`."""
+
+    def objective(batch, epoch, step):
+        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
+        if step == poison_step:
+            loss = loss * float("nan")
+        return loss, {"half": (loss / 2).detach()}
+
+    return objective
+
+
+def training(log_interval: int, poison_step: int | None = None, taken: list[int] | None = None
+             ) -> tuple[dict, nn.Module]:
+    """Ten SGD steps of a linear least-squares model; the steps run are appended to `taken`."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    args = argparse.Namespace(opt="sgd", lr=0.1, weight_decay=0.0, epochs=1, warmup_epochs=0, warmup_lr=0.0,
+                              min_lr=0.1, ema_decay=0.9, amp="off", clip_grad=None)
+    optim = Optimization(model, args, 10, torch.device("cpu"))
+    batches = [{"x": torch.randn(4, 3), "y": torch.randn(4, 1), "cls": torch.zeros(4)} for _ in range(10)]
+    taken = [] if taken is None else taken
+
+    def objective(batch, epoch, step):
+        taken.append(step)
+        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
+        loss = loss * float("nan") if step == poison_step else loss
+        return loss, {"half": (loss / 2).detach()}
+
+    metrics, step = train_one_epoch(objective, optim, batches, epoch=0, step=0, steps=10, log_interval=log_interval,
+                                    show=False)
+    assert step == 10 and taken == list(range(10))
+    return {k: v for k, v in metrics.items() if k not in ("train_time", "train_samples_per_s")}, model
+
+
+def test_log_interval_reads_the_losses_only_at_its_points():
+    reference, model = training(log_interval=1)
+    assert reference["train_samples"] == 40 and reference["world_size"] == 1
+    assert reference["train_loss_half"] == pytest.approx(reference["train_loss"] / 2)
+    for interval in (3, 100):
+        metrics, other = training(log_interval=interval)
+        assert metrics == reference and torch.equal(other.weight, model.weight)
+    # a NaN loss at step index 4 is seen at the first read after it: step 6 with interval 3, at once with 1
+    for interval, last in ((3, 6), (1, 5)):
+        taken = []
+        with pytest.raises(FloatingPointError, match=rf"loss is nan over steps {last - interval + 1}-{last} of epoch 1"):
+            training(interval, poison_step=4, taken=taken)
+        assert len(taken) == last
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level names of every module a file imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_packages_import_only_the_layers_below_them(package):
+    """shards <- core <- labeler <- dump <- train <- pipeline: no import cycle between the packages."""
+    for path in sorted((REPO / package).glob("*.py")):
+        ours = imports_of(path) & set(LAYERS)
+        assert ours <= LAYERS[package] | {package}, f"{path.relative_to(REPO)} imports {sorted(ours - LAYERS[package] - {package})}"
