@@ -76,8 +76,9 @@ class Runner:
         self.summary.append((name, "done", seconds))
         return ident
 
-    def module(self, name: str, *args: str) -> list[str]:
-        return [self.python, "-m", name, *args]
+    def module(self, name: str, *args: str, launcher: list[str] | None = None) -> list[str]:
+        """`python -m NAME ARGS`, or the stage's launcher (e.g. torchrun ...) in place of python."""
+        return [*(launcher or [self.python]), "-m", name, *args]
 
     def run(self) -> None:
         """Every stage in order, then the summary table."""
@@ -102,7 +103,7 @@ class Runner:
         lab_dir = ROOT / lab.out
         lab_id = self.stage("labeler", identity(asdict(lab), data_id), [lab_dir / "last.pt"], [self.module(
             "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs", str(lab.epochs), "--out", lab.out,
-            *flags(lab.args))], [lab_dir])
+            *flags(lab.args), launcher=lab.launcher)], [lab_dir])
 
         dump = p.dump
         dump_args = {"topk": dump.topk, "input-size": dump.input_size, **dump.args}
@@ -115,10 +116,9 @@ class Runner:
         for s in p.students:
             out = self.runs / s.name
             extra = [] if s.token_labels else ["--no-token-labels"]
-            launch = s.launcher or [self.python]
-            self.stage(f"student-{s.name}", identity(asdict(s), self.dump_id), [out / "last.pt"], [[
-                *launch, "-m", "train.student", "--labels", str(self.store), "--model", s.model,
-                "--epochs", str(s.epochs), "--out", str(out), "--final-corruptions", *extra, *flags(s.args)]], [out])
+            self.stage(f"student-{s.name}", identity(asdict(s), self.dump_id), [out / "last.pt"], [self.module(
+                "train.student", "--labels", str(self.store), "--model", s.model, "--epochs", str(s.epochs),
+                "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out])
 
     def evaluate(self) -> None:
         p, d, e = self.p, self.p.dataset, self.p.eval

@@ -25,6 +25,7 @@ class Labeler:
     model: str
     epochs: int
     out: str                          # run folder: last.pt, metrics.jsonl
+    launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
     args: Args = field(default_factory=dict)
 
 

@@ -20,6 +20,7 @@ def test_every_pipeline_of_the_file_validates():
         check_pipeline(pipeline)
     imagenet = pipelines["imagenet"]
     assert imagenet.labeler.model == "fan_small_12_p4_hybrid" and imagenet.dump.input_size == 288
+    assert imagenet.labeler.launcher == ["torchrun", "--nproc_per_node", "8"]
     assert {s.model for s in imagenet.students} >= {"deit_small_patch16_224", "fan_small_12_p4_hybrid"}
 
 
