@@ -20,7 +20,9 @@ On a CPU the forward and the decoding share the cores, so the dump's ceiling is 
 """
 
 import argparse
+import dataclasses
 import io
+import multiprocessing
 import os
 import shutil
 import sys
@@ -96,7 +98,15 @@ def sync(device: str) -> None:
 
 
 def bare_forward(job: DumpJob, batches: int) -> float:
-    """img/s of normalise + forward_dense + top-k on a ready uint8 batch already on the device."""
+    """img/s of normalise + forward_dense + top-k on a ready uint8 batch already on the device.
+
+    On a CPU, one single-threaded process per core (as the dump's CPU labelers and decoders use the cores); the
+    rate is their sum.
+    """
+    if job.device == "cpu" and job.threads > 1:
+        single = dataclasses.replace(job, threads=1)
+        with multiprocessing.get_context("fork").Pool(job.threads) as pool:
+            return sum(pool.starmap(bare_forward, [(single, batches)] * job.threads))
     labeler = Labeler(job)
     size = job.footprint["input_size"]
     pixels = torch.randint(0, 256, (job.batch_size, 3, size, size), dtype=torch.uint8, device=job.device)
@@ -153,6 +163,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--engines", nargs="+", default=None, help="default: local, and ray where it is installed")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of decoding and the dumps; best kept")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and stores (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_dump_"))
@@ -167,37 +178,45 @@ def main() -> None:
     rows: list[tuple[str, str, float]] = []
     forward = {p: bare_forward(job_for(shards, checkpoint, args, device, p, "cpu"), 8) for p in ("fp32", half)}
     rows += [("bare forward", p, forward[p]) for p in forward]
-    decode = {"cpu": cpu_decode(job_for(shards, checkpoint, args, device, "fp32", "cpu"))}
-    if device == "cuda":
-        decode["device"] = device_decode(job_for(shards, checkpoint, args, device, half, "device"))
+    decode: dict[str, float] = {}
+    best: dict[tuple[str, str], tuple[dict, Path, float]] = {}
+    variants = [{}] + ([{"precision": half}] if device == "cpu" else [{"decode": "cpu"}])
+    for _ in range(args.repeats):  # alternate, keep each one's best: the least disturbed by a shared machine
+        decode["cpu"] = max(decode.get("cpu", 0.0), cpu_decode(job_for(shards, checkpoint, args, device, "fp32", "cpu")))
+        if device == "cuda":
+            rate = device_decode(job_for(shards, checkpoint, args, device, half, "device"))
+            decode["device"] = max(decode.get("device", 0.0), rate)
+        for engine in args.engines or engines():
+            for extra in variants:
+                store = work / "stores" / f"{engine}-{'-'.join(extra.values()) or 'default'}.zarr"
+                started = time.perf_counter()
+                summary = dump(shards, checkpoint, store, topk=args.topk, input_size=args.input_size,
+                               batch_size=args.batch_size, engine=engine, overwrite=True, **extra)
+                wall = time.perf_counter() - started
+                key = (engine, summary["precision"] + summary["decode"])
+                if key not in best or summary["images_per_second"] > best[key][0]["images_per_second"]:
+                    best[key] = (summary, store, wall)
     rows += [(f"decode ({d}{', all cores' if d == 'cpu' else ''})", "", rate) for d, rate in decode.items()]
     dumps = []
-    variants = [{}] + ([{"precision": half}] if device == "cpu" else [{"decode": "cpu"}])
-    for engine in args.engines or engines():
-        for extra in variants:
-            store = work / "stores" / f"{engine}-{'-'.join(extra.values()) or 'default'}.zarr"
-            started = time.perf_counter()
-            summary = dump(shards, checkpoint, store, topk=args.topk, input_size=args.input_size,
-                           batch_size=args.batch_size, engine=engine, overwrite=True, **extra)
-            wall = time.perf_counter() - started
-            label = f"dump ({engine}, {summary['decode']} decode; {wall:.1f} s wall with start-up)"
-            rows.append((label, summary["precision"], summary["images_per_second"]))
-            dumps.append((summary, store))
+    for (engine, _), (summary, store, wall) in best.items():
+        label = f"dump ({engine}, {summary['decode']} decode; {wall:.1f} s wall with start-up)"
+        rows.append((label, summary["precision"], summary["images_per_second"]))
+        dumps.append((engine, summary, store))
     print(f"\n{args.images} 500x375 JPEGs in shards of {args.samples_per_shard}; {args.model} at {args.input_size}, "
-          f"K={args.classes}, top-{args.topk}, batch {args.batch_size}; {name}; data in {work}")
+          f"K={args.classes}, top-{args.topk}, batch {args.batch_size}; {name}; best of {args.repeats}; data in {work}")
     width = max(len(r[0]) for r in rows)
     print(f"{'path':<{width}}  precision  img/s")
     for label, precision, rate in rows:
         print(f"{label:<{width}}  {precision:<9}  {rate:8.1f}")
     best_decode = max(decode.values())
     print("\nratios")
-    for summary, _ in dumps:
+    for engine, summary, _ in dumps:
         rate, precision = summary["images_per_second"], summary["precision"]
         bound = 1 / (1 / decode["cpu"] + 1 / forward[precision]) if device == "cpu" else min(best_decode, forward[precision])
-        print(f"  dump {summary['decode']} decode {precision}: {rate / decode[summary['decode']]:.2f}x decode, "
+        print(f"  dump ({engine}, {summary['decode']} decode, {precision}): {rate / decode[summary['decode']]:.2f}x decode, "
               f"{rate / forward[precision]:.2f}x bare {precision} forward, "
               f"{rate / bound:.2f}x the {'shared-core' if device == 'cpu' else 'pipeline'} bound ({bound:.0f} img/s)")
-    fastest, store = max(dumps, key=lambda d: d[0]["images_per_second"])
+    _, fastest, store = max(dumps, key=lambda d: d[1]["images_per_second"])
     hours = IMAGENET_TRAIN / fastest["images_per_second"] / 3600
     print(f"\nImageNet-1k train ({IMAGENET_TRAIN:,} images) at the fastest dump's rate: {hours:.2f} "
           f"{'GPU' if device == 'cuda' else 'machine'}-hours on this {name}")

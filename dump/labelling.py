@@ -67,13 +67,24 @@ class Row:
 
     def to_columns(self) -> dict[str, np.ndarray]:
         """This row as a one-row batch: each field a length-1 column."""
-        return {f.name: np.array([json.dumps(v) if isinstance(v, list) else v]) if not isinstance(v, np.ndarray)
-                else v[None] for f in fields(self) for v in [getattr(self, f.name)]}
+        columns = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                columns[f.name] = value[None]
+            else:
+                columns[f.name] = np.array([json.dumps(value) if isinstance(value, list) else value])
+        return columns
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Any:
-        return cls(**{f.name: json.loads(row[f.name]) if f.type == list[str] else
-                      np.asarray(row[f.name]) if f.type is np.ndarray else f.type(row[f.name]) for f in fields(cls)})
+        """The dataclass from a row's values (as Ray Data's iter_rows gives them, or a one-row batch's [0])."""
+        values = {}
+        for f in fields(cls):
+            value = row[f.name]
+            values[f.name] = (json.loads(value) if f.type == list[str] else
+                              np.asarray(value) if f.type is np.ndarray else f.type(value))
+        return cls(**values)
 
 
 @dataclass
@@ -273,31 +284,42 @@ class ShardWriter:
         self.job = job
         self.group = zarr.open_group(job.store, mode="r+", zarr_format=3)
         self.partial: dict[int, dict[str, Any]] = {}
+        self.complete: set[int] = set()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.writes: list[Future] = []
         self.first_result: float | None = None
         self.first_count = 0
 
     def add(self, labelled: Labelled) -> None:
-        """Take one labelled batch; a shard that is now complete is written in the background."""
+        """Take one labelled batch; a shard that is now complete is written in the background.
+
+        A batch seen twice (a retried decode task yields its shard's batches again) counts once: its bits are
+        the same.
+        """
+        if labelled.position in self.complete:
+            return
         if self.first_result is None:
             self.first_result, self.first_count = time.perf_counter(), len(labelled.rows)
-        filename, count = self.job.shard(labelled.position)
+        _, count = self.job.shard(labelled.position)
         shard = self.partial.get(labelled.position)
         if shard is None:
             shape = (count, *self.group["scores"].shape[1:])
             shard = self.partial[labelled.position] = {
                 "scores": np.full(shape, np.nan, np.float16), "classes": np.full(shape, -1, np.int32),
-                "valid": np.zeros(count, np.uint8), "received": 0, "skipped": [], "decoded_on": set(),
-                "labelled_on": set()}
+                "valid": np.zeros(count, np.uint8), "batches": set(), "received": 0, "skipped": [],
+                "decoded_on": set(), "labelled_on": set()}
+        if labelled.start in shard["batches"]:
+            return
         rows = labelled.rows
         if len(rows):
             shard["scores"][rows], shard["classes"][rows], shard["valid"][rows] = labelled.scores, labelled.classes, 1
+        shard["batches"].add(labelled.start)
         shard["received"] += labelled.stop - labelled.start
         shard["skipped"] += labelled.skipped
         shard["decoded_on"].add(labelled.decoded_on)
         shard["labelled_on"].add(labelled.labelled_on)
         if shard["received"] == count:
+            self.complete.add(labelled.position)
             self.writes.append(self.thread.submit(self.write, labelled.position, self.partial.pop(labelled.position)))
 
     def write(self, position: int, shard: dict[str, Any]) -> dict[str, Any]:

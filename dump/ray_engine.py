@@ -35,8 +35,9 @@ def start_ray(address: str | None) -> bool:
         raise UserError(f"Ray cluster {address or os.environ.get('RAY_ADDRESS') or '(found running)'} requires "
                         f"token authentication ({str(e).splitlines()[0][:120]}); {AUTH_HELP}") from None
     except ConnectionError as e:
-        raise UserError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {e}; check --address "
-                        f"(or RAY_ADDRESS), or pass --address local for a Ray of this machine alone") from None
+        auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else f"; a cluster with token authentication: {AUTH_HELP}"
+        raise UserError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')} ({str(e)[:160]}); check "
+                        f"--address (or RAY_ADDRESS), or pass --address local for a Ray of this machine alone{auth}") from None
     return True
 
 
@@ -64,7 +65,7 @@ def run_ray(job: DumpJob, pending: list[int], writer: ShardWriter, actors: int, 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # not its start-up notes (one per dump)
     shards = ray.data.from_items([{"position": p} for p in pending], override_num_blocks=len(pending))
     # what a decode task holds: a batch in flight, PIL's buffers and the process itself. Requesting it also keeps
     # Ray Data from fusing decoding into the labeler actors (it fuses ops with equal requests), which would
