@@ -189,6 +189,7 @@ def main() -> None:
         for engine in args.engines or engines():
             for extra in variants:
                 store = work / "stores" / f"{engine}-{'-'.join(extra.values()) or 'default'}.zarr"
+                shutil.rmtree(store, ignore_errors=True)  # a whole dump each time, not a resume
                 started = time.perf_counter()
                 summary = dump(shards, checkpoint, store, topk=args.topk, input_size=args.input_size,
                                batch_size=args.batch_size, engine=engine, overwrite=True, **extra)
