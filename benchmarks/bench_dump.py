@@ -9,7 +9,8 @@ measures, all on this machine's whole capacity:
   bare forward  the labeler's forward_dense + top-k on ready uint8 tensors on the device (normalise included),
                 fp32 and half precision (bf16), at --batch-size, with every CPU thread on a CPU;
   decode        the dump's own CPU decoder (tar read, PIL decode, footprint resample to uint8) in one process
-                per CPU; on a GPU also the device decoder (nvJPEG + the batched resample on the GPU);
+                per CPU, counted from its first batch like the dump; on a GPU also the device decoder (nvJPEG +
+                the batched resample on the GPU);
   dump          the whole dump (decode, forward, top-k, Zarr writes) with each engine present: `local` (no Ray:
                 the path a GPU node without a Ray installation measures) and `ray` (Ray Data), at the default
                 precision and decoder of the device, and on a CPU also in bf16; its rate counts from the first
@@ -126,9 +127,12 @@ def cpu_decode(job: DumpJob) -> float:
     positions = list(range(len(job.manifest.shards("train"))))
     workers = min(os.cpu_count(), len(positions))
     loader = DataLoader(PendingShards(job, positions), batch_size=None, num_workers=workers, prefetch_factor=4)
-    started, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch.rows)
+    started, count = None, 0
+    for batch in loader:  # counted from the first batch on, as the dump's rate is
+        if started is None:
+            started = time.perf_counter()
+        else:
+            count += len(batch.rows)
     return count / (time.perf_counter() - started)
 
 
