@@ -1,17 +1,27 @@
-"""ImageFolder -> WebDataset shards: `python -m shards.build --imagefolder DIR --out shards/NAME`."""
+"""ImageFolder -> WebDataset shards: `python -m shards.build --imagefolder DIR --out shards/NAME`.
+
+Every image (and mask) is decoded once while building, on all CPUs: a file that does not decode is refused,
+named, or with `--on-error skip` left out and reported.
+"""
 
 import argparse
+import io
+import multiprocessing
+import os
 import random
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
+from PIL import Image
 from tqdm import tqdm
 
 from shards.errors import UserError, cli
 from shards.manifest import keys_digest, write_manifest
+from shards.reader import ON_ERROR
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = ".mask.png"
@@ -62,11 +72,18 @@ def write_split(out: Path, split: str, samples: Iterable[Sample], total: int, pe
 
 
 def write_dataset(out: Path, classes: list[str], splits: dict[str, tuple[Iterable[Sample], int]],
-                  has_masks: bool, per_shard: int) -> None:
-    """Write every split, then the manifest last: a folder without manifest.json is an unfinished build."""
+                  has_masks: bool, per_shard: int) -> dict[str, int]:
+    """Write every split, then the manifest last: a folder without manifest.json is an unfinished build.
+
+    Returns the samples written per split.
+    """
     manifest_splits = {split: write_split(out, split, samples, total, per_shard)
                        for split, (samples, total) in splits.items()}
+    empty = [split for split, written in manifest_splits.items() if not written["count"]]
+    if empty:
+        raise UserError(f"{out}: split '{empty[0]}' has no decodable image left; check the ImageFolder")
     write_manifest(out, classes, has_masks, manifest_splits)
+    return {split: written["count"] for split, written in manifest_splits.items()}
 
 
 def scan_imagefolder(root: Path, split: str) -> tuple[list[str], list[tuple[str, Path, int]]]:
@@ -86,13 +103,42 @@ def mask_path(image: Path) -> Path:
     return image.with_name(image.name[: -len(image.suffix)] + MASK_SUFFIX)
 
 
-def read_samples(items: list[tuple[str, Path, int]]) -> Iterator[Sample]:
-    for key, path, cls in items:
-        mask = mask_path(path).read_bytes() if mask_path(path).is_file() else None
-        yield Sample(key, path.suffix.lower()[1:], path.read_bytes(), cls, mask)
+def load_sample(item: tuple[str, Path, int]) -> Sample | str:
+    """One image (and its mask) read and decode-checked: the sample, or why a file is not a decodable image."""
+    key, path, cls = item
+    files = [path] + ([mask_path(path)] if mask_path(path).is_file() else [])
+    data = []
+    for file in files:
+        data.append(file.read_bytes())
+        try:
+            with Image.open(io.BytesIO(data[-1])) as image:
+                image.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return f"{file}: not a decodable image ({type(e).__name__}: {str(e)[:120]})"
+    return Sample(key, path.suffix.lower()[1:], data[0], cls, data[1] if len(data) > 1 else None)
 
 
-def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwrite: bool) -> None:
+def read_samples(items: list[tuple[str, Path, int]], on_error: str, skipped: list[str]) -> Iterator[Sample]:
+    """The samples in order, every image decoded once on all CPUs to check it; a bad one raises or is skipped."""
+    workers = min(os.cpu_count() or 1, max(1, len(items) // 64))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for sample in pool.imap(load_sample, items, chunksize=16) if pool else map(load_sample, items):
+            if isinstance(sample, Sample):
+                yield sample
+            elif on_error == "raise":
+                raise UserError(f"{sample}; remove or replace it, or pass --on-error skip to leave it out")
+            else:
+                skipped.append(sample)
+                print(f"warning: skipped {sample}", file=sys.stderr)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwrite: bool,
+          on_error: str = "raise") -> list[str]:
+    """Write the shards; returns the files skipped as undecodable (on_error="skip")."""
     if not imagefolder.is_dir():
         raise UserError(f"{imagefolder}: no such folder; pass an ImageFolder root holding train/ and val/")
     present = [s for s in SPLITS if (imagefolder / s).is_dir()]
@@ -109,9 +155,13 @@ def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwr
             random.Random(seed).shuffle(items)  # mix classes across shards; the order is fixed by the seed
     has_masks = any(mask_path(path).is_file() for _, items in scans.values() for _, path, _ in items)
     prepare_out(out, overwrite)
-    write_dataset(out, classes, {s: (read_samples(items), len(items)) for s, (_, items) in scans.items()},
-                  has_masks, per_shard)
-    print(f"wrote {out}: " + ", ".join(f"{s} {len(items)} images" for s, (_, items) in scans.items()))
+    skipped: list[str] = []
+    splits = {s: (read_samples(items, on_error, skipped), len(items)) for s, (_, items) in scans.items()}
+    counts = write_dataset(out, classes, splits, has_masks, per_shard)
+    print(f"wrote {out}: " + ", ".join(f"{s} {n} images" for s, n in counts.items())
+          + (f"; skipped {len(skipped)} undecodable file(s): " + "; ".join(skipped[:5])
+             + ("; ..." if len(skipped) > 5 else "") if skipped else ""))
+    return skipped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the train split's fixed order")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the train split in folder order")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                        help="an image (or mask) that does not decode: stop naming the file, or leave it out and report it")
     return parser
 
 
@@ -131,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     build(args.imagefolder, args.out, args.samples_per_shard, None if args.no_shuffle else args.shuffle_seed,
-          args.overwrite)
+          args.overwrite, args.on_error)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_shard(root: str | Path, split: str, filename: str, on_error: str = "raise",
-               skips: SkipLog | None = None, manifest: Manifest | None = None) -> Iterator[dict[str, Any]]:
+               skips: SkipLog | None = None, manifest: Manifest | None = None,
+               decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample) -> Iterator[dict[str, Any]]:
     """Yield the decoded samples of one shard in order, each with its row `index` in the split's order.
 
     The shard must hold exactly the samples the manifest says; a truncated tar, a corrupt image or a count
     mismatch is a UserError naming shard and key, unless on_error="skip" (then each skip goes to `skips`).
+    `decode` turns a grouped tar sample (member bytes by extension) into the sample, raising CorruptSample.
     """
     if on_error not in ON_ERROR:
         raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -82,7 +84,7 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
                 if seen > expected:
                     raise UserError(f"{path}: holds more samples than the {expected} in manifest.json; rebuild the shards")
                 try:
-                    sample = decode_sample(raw)
+                    sample = decode(raw)
                 except CorruptSample as e:
                     if on_error == "raise":
                         raise UserError(f"{path}: {last_key}: {e}; rebuild the shard or use the skip policy") from e

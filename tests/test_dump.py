@@ -1,12 +1,23 @@
-"""The Ray label dump end to end: real local Ray, real tar shards, real Zarr on disk, real kill -9."""
+"""The label dump end to end: real local Ray (Ray Data), real tar shards, real Zarr on disk, real kill -9; and Ray as
+users type it: a `ray start --head` cluster (joined without --address, and through `ray job submit` with token
+authentication) and two real Ray nodes of a ray.cluster_utils.Cluster.
+
+Every cluster started here is the test's own: loopback only, free ports, its own temp dir (RAY_TMPDIR), so that
+nobody else's `ray.init()` on this machine finds it; `ray start --block` is stopped by its pid and takes its
+processes with it.
+"""
 
 import io
+import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,12 +26,12 @@ import pytest
 import timm
 import torch
 import zarr
-from PIL import Image
 
 from core.checkpoint import save_checkpoint
-from dump.dump_labels import dump, labeler_input
+from dump.dump_labels import dump
 from dump.dump_labels import main as dump_main
-from dump.store import check_matches, make_footprint, open_store
+from dump.render import fill_colour, labeler_input, normalise
+from dump.store import check_matches, footprint_box, make_footprint, open_store
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from labeler.load import load_labeler
@@ -29,7 +40,7 @@ from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH, TOPK = 4, 5  # shards of 6 images: batches of 4 + 2, so partial batches are covered
+BATCH, TOPK = 4, 5  # shards of 6 images: batches of 4 + 2 (each cut from one shard), so partial batches are covered
 ARRAYS = ("scores", "classes", "keys", "valid", "done")
 
 
@@ -52,7 +63,8 @@ def checkpoint(tmp_path_factory):
 def reference(ray_cluster, demo_shards, checkpoint):
     """An uninterrupted dump: the store every other dump must reproduce bit for bit."""
     out = demo_shards / "labels" / "reference.zarr"
-    dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH, actors=2)
+    summary = dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH)
+    assert (summary["device"], summary["precision"], summary["decode"]) == ("cpu", "fp32", "cpu")
     return out
 
 
@@ -105,8 +117,9 @@ def test_dump_equals_the_labeler_run_directly(reference, demo_shards, checkpoint
             samples = list(read_shard(demo_shards, "train", name))
             assert [s["index"] for s in samples] == list(range(start, stop)) and stop - start == count
             for b in range(0, count, BATCH):
-                x = torch.stack([labeler_input(s["image"], store.footprint, config["mean"], config["std"])
-                                 for s in samples[b:b + BATCH]])
+                pixels = np.stack([labeler_input(s["image"], footprint_box(store.footprint, *s["image"].size), 64,
+                                                 "bicubic", fill_colour(config["mean"])) for s in samples[b:b + BATCH]])
+                x = normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2), config["mean"], config["std"])
                 with torch.inference_mode():
                     _, tokens, (h, w) = model.forward_dense(x)
                 values, ids = tokens.topk(TOPK, dim=-1)
@@ -122,6 +135,8 @@ def test_dump_equals_the_labeler_run_directly(reference, demo_shards, checkpoint
     assert (attrs["k"], attrs["grid"], attrs["num_classes"], attrs["value"]) == (TOPK, [8, 8], 10, "logits")
     assert attrs["labeler"]["sha256"] == meta["sha256"] and attrs["dataset"]["digest"] == manifest.digest("train")
     assert attrs["footprint"] == make_footprint(64, 1.0, "bicubic")
+    assert attrs["producer"] == {"tool": "dump.dump_labels", "batch_size": BATCH, "device": "cpu", "precision": "fp32",
+                                 "decode": "cpu", "threads_per_actor": 1}
     assert store.group["scores"].chunks == (6, TOPK, 8, 8) and store.group["classes"].dtype == np.int16
     assert sorted(os.listdir(reference / "scores" / "c")) == ["0", "1", "2", "3"]  # one chunk per tar shard
     check_matches(store, manifest, "train")
@@ -129,24 +144,51 @@ def test_dump_equals_the_labeler_run_directly(reference, demo_shards, checkpoint
     assert failures == [] and summary.startswith("ok: 20 rows")
 
 
-def test_preprocessing_is_exactly_the_footprint_box():
-    pixels = np.random.default_rng(0).integers(0, 256, size=(60, 100, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    for crop_pct, box in ((1.0, (20, 0, 80, 60)), (0.5, (35, 15, 65, 45))):
-        x = labeler_input(image, make_footprint(32, crop_pct), mean=(0, 0, 0), std=(1, 1, 1))
-        want = np.asarray(image.crop(box).resize((32, 32), Image.BICUBIC), np.float32) / 255
-        got = x.permute(1, 2, 0).numpy()
-        # away from the border the filter sees only pixels inside the box: equal to cropping first, exactly
-        # (at the border the dump's resample also weighs the pixels just outside the box, as it should)
-        np.testing.assert_array_equal(got[3:-3, 3:-3], want[3:-3, 3:-3])
+def test_the_engine_without_ray_writes_the_same_bits(reference, demo_shards, checkpoint, tmp_path):
+    out = tmp_path / "local.zarr"
+    summary = dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH, engine="local", workers=2)
+    assert summary["dumped_shards"] == 4 and summary["labelled_on"] == ["local"]
+    assert_same_store(out, reference)
+
+
+@pytest.mark.parametrize("setting, value", [("decode", "device"), ("precision", "bf16")])
+def test_device_decode_and_half_precision_label_alike_and_are_never_mixed(reference, demo_shards, checkpoint,
+                                                                           tmp_path, setting, value):
+    """torchvision decode + matrix resampling (the GPU path, here on CPU tensors) and bf16 autocast give the
+    fp32 PIL labels up to rounding; the store records the setting and refuses to resume with another."""
+    out = tmp_path / f"{value}.zarr"
+    summary = dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH, engine="local", workers=0,
+                   **{setting: value})
+    assert summary[setting] == value and open_store(out).attrs["producer"][setting] == value
+    store, ref = open_store(out), open_store(reference)
+    (scores, classes), (ref_scores, ref_classes) = store.read_rows(0, 20), ref.read_rows(0, 20)
+    assert (classes[:, 0] == ref_classes[:, 0]).mean() > 0.97  # top-1 per token
+    tolerance = 0.05 if setting == "decode" else 0.15  # one uint8 level of input / bf16's 8-bit mantissa
+    assert np.abs(scores.astype(np.float32) - ref_scores.astype(np.float32)).max() < tolerance * np.abs(ref_scores).max()
+    with pytest.raises(UserError, match=rf"producer\.{setting}: store has '{value}', now '[a-z0-9]+'.*--overwrite"):
+        dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH, engine="local")
+
+
+def test_input_size_off_the_labeler_stride_is_refused(demo_shards, checkpoint, tmp_path, capsys):
+    out = tmp_path / "s70.zarr"
+    with pytest.raises(UserError, match=r"--input-size 70 is not a multiple of labeler fan_demo_tiny_p8's stride 8; "
+                                        r"use e\.g\. 64 or 72"):
+        dump(demo_shards, checkpoint, out, topk=TOPK, input_size=70, engine="local")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        dump_main(dump_argv(demo_shards, checkpoint, out, "--input-size", "4"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "stride 8" in err and "\n" not in err
+    summary = dump(demo_shards, checkpoint, tmp_path / "s72.zarr", topk=TOPK, input_size=72, engine="local", workers=0)
+    assert summary["grid"] == (9, 9)
 
 
 def labeler_processes() -> list[int]:
-    """Pids of Ray actor processes running a ShardLabeler task (Ray sets their process title)."""
+    """Pids of Ray Data's labeler actor processes (Ray sets their process title to the actor's class)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if b"ShardLabeler.label_shard" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"MapBatches(LabelBatches)" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.append(int(pid))
         except OSError:
             continue
@@ -156,16 +198,16 @@ def labeler_processes() -> list[int]:
 def test_race_worker_kill_driver_kill_then_resume_is_bitwise_equal(ray_cluster, reference, demo_shards, checkpoint,
                                                                    tmp_path):
     out = tmp_path / "killed.zarr"
-    argv = dump_argv(demo_shards, checkpoint, out, "--actors", "1", "--shards-in-flight", "1")
+    argv = dump_argv(demo_shards, checkpoint, out)
     driver = start_cli_dump(ray_cluster, argv)
     # a second dump of the same store while the first one runs is refused, naming the owner
     wait_for(lambda: out.with_name("killed.zarr.lock").exists(), what="the first dump's lock")
     with pytest.raises(UserError, match=r"another dump is writing this store \(pid \d+ on "):
         dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH)
-    # kill -9 the labelling worker mid-shard: Ray restarts the actor and retries the shard
-    wait_for(lambda: labeler_processes() or driver.poll() is not None, what="a labelling actor")
+    # kill -9 the labeler actor before any shard is done: Ray Data restarts it and retries its batches
+    wait_for(lambda: labeler_processes() or driver.poll() is not None, what="a labeler actor")
     victims = labeler_processes()
-    assert victims and done_count(out) == 0, "no worker was caught labelling its first shard"
+    assert victims and done_count(out) == 0, "no labeler actor was caught before its first shard"
     os.kill(victims[0], signal.SIGKILL)
     # kill -9 the driver once the retried work has finished a shard but not all of them
     wait_for(lambda: done_count(out) >= 1 or driver.poll() is not None, what="the first finished shard")
@@ -178,7 +220,7 @@ def test_race_worker_kill_driver_kill_then_resume_is_bitwise_equal(ray_cluster, 
         check_matches(open_store(out), load_manifest(demo_shards), "train")
     failures, _ = verify_store(out, demo_shards)
     assert any("incomplete" in f for f in failures)
-    summary = dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH, actors=1)
+    summary = dump(demo_shards, checkpoint, out, topk=TOPK, batch_size=BATCH)
     assert summary["dumped_shards"] == 4 - done
     assert not out.with_name("killed.zarr.lock").exists()
     assert_same_store(out, reference)
@@ -194,6 +236,12 @@ def test_other_settings_are_refused_without_overwrite(ray_cluster, reference, de
     with pytest.raises(UserError, match=r"producer\.batch_size: store has 4, now 8"):
         dump(demo_shards, checkpoint, reference, topk=TOPK, batch_size=8)
     assert open_store(reference).attrs["complete"]
+    # by path, as `ray submit CLUSTER.yaml dump/dump_labels.py -- ...` runs it: the repo is made importable
+    address = ray_cluster.address_info["gcs_address"]
+    by_path = subprocess.run([sys.executable, str(ROOT / "dump" / "dump_labels.py"), "--address", address,
+                              *dump_argv(demo_shards, checkpoint, reference)], cwd=tmp_path, capture_output=True,
+                             text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    assert by_path.returncode == 0 and "already complete (20 rows); nothing to do" in by_path.stdout, by_path.stderr
     with pytest.raises(SystemExit) as exit_info:
         dump_main(dump_argv(demo_shards, tmp_path / "missing.pt", tmp_path / "x.zarr"))
     assert exit_info.value.code == 2
@@ -220,9 +268,9 @@ def test_corrupt_image_raises_or_is_recorded(ray_cluster, reference, demo_shards
     broken = corrupt_copy(demo_shards, tmp_path / "broken", "train-000001.tar", keys[row])
     out = broken / "labels" / "skip.zarr"
     with pytest.raises(UserError, match=rf"train-000001\.tar: {keys[row]}: cannot decode"):
-        dump(broken, checkpoint, out, topk=TOPK, batch_size=BATCH, actors=1)
+        dump(broken, checkpoint, out, topk=TOPK, batch_size=BATCH)
     assert not open_store(out).attrs["complete"]
-    summary = dump(broken, checkpoint, out, topk=TOPK, batch_size=BATCH, actors=1, on_error="skip")
+    summary = dump(broken, checkpoint, out, topk=TOPK, batch_size=BATCH, on_error="skip")
     assert summary["skipped"] == [{"row": row, "key": keys[row]}]
     store, ref = open_store(out), open_store(reference)
     assert store.attrs["skipped"] == [{"row": row, "key": keys[row]}] and store.attrs["complete"]
@@ -235,6 +283,13 @@ def test_corrupt_image_raises_or_is_recorded(ray_cluster, reference, demo_shards
                                       ref.read_rows(start, stop)[0].view(np.uint16))
     failures, summary = verify_store(out)
     assert failures == [] and "1 skipped row(s)" in summary
+    # the device decoder finds the same sample when it decodes the batch
+    with pytest.raises(UserError, match=rf"train-000001\.tar: {keys[row]}: cannot decode its image"):
+        dump(broken, checkpoint, broken / "labels" / "device.zarr", topk=TOPK, batch_size=BATCH, engine="local",
+             decode="device", workers=0)
+    summary = dump(broken, checkpoint, broken / "labels" / "device.zarr", topk=TOPK, batch_size=BATCH,
+                   engine="local", decode="device", workers=0, on_error="skip")
+    assert summary["skipped"] == [{"row": row, "key": keys[row]}]
 
 
 def plant(group: zarr.Group, path: Path, fault: str) -> None:
@@ -275,3 +330,109 @@ def test_verify_catches_planted_faults(reference, demo_shards, tmp_path, capsys,
     with pytest.raises(SystemExit) as exit_info:
         verify_main([str(path), "--shards", str(demo_shards)])
     assert exit_info.value.code == 1 and message in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A `ray start --head` cluster with token authentication, its dashboard (the job server) on loopback."""
+    tmp = Path(tempfile.mkdtemp(prefix="tlray", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONPATH=str(ROOT))
+    port, dashboard = free_port(), free_port()
+    ports = {"--port": port, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(tmp / "ray"),
+               "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--disable-usage-stats", *[str(a) for flag, value in ports.items() for a in (flag, value)]]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        address_file = tmp / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "logs": tmp / "ray" / "session_latest" / "logs"}
+    finally:
+        process.send_signal(signal.SIGTERM)  # --block: ray start stops the processes it started
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_dump_joins_a_running_cluster_without_address(head, reference, demo_shards, checkpoint, tmp_path):
+    """Before: `ValueError: When connecting to an existing cluster, num_cpus and num_gpus must not be provided`."""
+    out = tmp_path / "joined.zarr"
+    driver = subprocess.run([sys.executable, "-m", "dump.dump_labels", *dump_argv(demo_shards, checkpoint, out)],
+                            cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert "Traceback" not in driver.stderr
+    assert_same_store(out, reference)
+    drivers = list(head["logs"].glob("python-core-driver-*.log"))
+    assert drivers, "the dump did not run as a driver of the `ray start` cluster"
+
+
+def test_ray_job_submit_with_token_auth(head, reference, demo_shards, checkpoint, tmp_path):
+    """What the README says to set for `ray job submit` against a token-auth cluster: RAY_AUTH_MODE=token (the
+    token from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)."""
+    out = tmp_path / "job.zarr"
+    submit = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
+              "python", "-m", "dump.dump_labels", *dump_argv(demo_shards, checkpoint, out)]
+    without_mode = {k: v for k, v in head["env"].items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run(submit, cwd=ROOT, env=without_mode, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+    job = subprocess.run(submit, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0 and "succeeded" in job.stdout.lower(), (job.stdout + job.stderr)[-3000:]
+    assert_same_store(out, reference)
+
+
+MULTI_NODE = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from dump.dump_labels import dump
+from pathlib import Path
+
+shards, checkpoint, out = map(Path, sys.argv[1:4])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+try:
+    ray.init(address=cluster.address)
+    summary = dump(shards, checkpoint, out, topk=int(sys.argv[4]), batch_size=int(sys.argv[5]))
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    print(json.dumps({"nodes": nodes, "decoded_on": summary["decoded_on"], "labelled_on": summary["labelled_on"]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_nodes_share_the_dump(reference, demo_shards, checkpoint, tmp_path):
+    """Two real Ray nodes (ray.cluster_utils.Cluster) of one CPU each: the labeler actor holds one node's CPU, so
+    Ray Data must run the decode tasks on the other; the store is the same, bit for bit."""
+    out = tmp_path / "two-nodes.zarr"
+    tmp = tempfile.mkdtemp(prefix="tlray", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=tmp, PYTHONPATH=str(ROOT))
+    try:
+        run = subprocess.run([sys.executable, "-c", MULTI_NODE, str(demo_shards), str(checkpoint), str(out),
+                              str(TOPK), str(BATCH)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report["nodes"]) == 2
+    assert len(report["labelled_on"]) == 1 and set(report["decoded_on"]) | set(report["labelled_on"]) == set(
+        report["nodes"]), report
+    assert_same_store(out, reference)
