@@ -15,7 +15,7 @@ from core.engine import train_one_epoch
 from core.eval_data import EvalTransform
 from core.eval_view import centre_box
 from core.optim import Optimization
-from dump.dump_labels import labeler_input
+from dump.render import labeler_input
 from dump.store import footprint_box, make_footprint
 from shards.build import build
 from shards.reader import ShardReader
@@ -33,7 +33,8 @@ def test_every_eval_view_is_the_same_centre_square(crop_pct):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8))
     size, zeros, ones = 48, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    dumped = labeler_input(image, make_footprint(size, crop_pct), zeros, ones)
+    pixels = labeler_input(image, footprint_box(make_footprint(size, crop_pct), 150, 90), size)
+    dumped = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)
     evaluated = EvalTransform(size, crop_pct=crop_pct, mean=zeros, std=ones)({"image": image, "cls": 0})["image"]
     student, mapping = LabelAwareEvalTransform(size, crop_pct=crop_pct, mean=zeros, std=ones)(image)
     torch.testing.assert_close(evaluated, dumped, rtol=0, atol=1e-6)
