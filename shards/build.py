@@ -72,7 +72,7 @@ def write_split(out: Path, split: str, samples: Iterable[Sample], total: int, pe
 
 
 def write_dataset(out: Path, classes: list[str], splits: dict[str, tuple[Iterable[Sample], int]],
-                  has_masks: bool, per_shard: int) -> dict[str, int]:
+                  has_masks: bool, per_shard: int, hflip: bool = True) -> dict[str, int]:
     """Write every split, then the manifest last: a folder without manifest.json is an unfinished build.
 
     Returns the samples written per split.
@@ -82,7 +82,7 @@ def write_dataset(out: Path, classes: list[str], splits: dict[str, tuple[Iterabl
     empty = [split for split, written in manifest_splits.items() if not written["count"]]
     if empty:
         raise UserError(f"{out}: split '{empty[0]}' has no decodable image left; check the ImageFolder")
-    write_manifest(out, classes, has_masks, manifest_splits)
+    write_manifest(out, classes, has_masks, manifest_splits, hflip)
     return {split: written["count"] for split, written in manifest_splits.items()}
 
 
@@ -137,7 +137,7 @@ def read_samples(items: list[tuple[str, Path, int]], on_error: str, skipped: lis
 
 
 def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwrite: bool,
-          on_error: str = "raise") -> list[str]:
+          on_error: str = "raise", hflip: bool = True) -> list[str]:
     """Write the shards; returns the files skipped as undecodable (on_error="skip")."""
     if not imagefolder.is_dir():
         raise UserError(f"{imagefolder}: no such folder; pass an ImageFolder root holding train/ and val/")
@@ -157,7 +157,7 @@ def build(imagefolder: Path, out: Path, per_shard: int, seed: int | None, overwr
     prepare_out(out, overwrite)
     skipped: list[str] = []
     splits = {s: (read_samples(items, on_error, skipped), len(items)) for s, (_, items) in scans.items()}
-    counts = write_dataset(out, classes, splits, has_masks, per_shard)
+    counts = write_dataset(out, classes, splits, has_masks, per_shard, hflip)
     print(f"wrote {out}: " + ", ".join(f"{s} {n} images" for s, n in counts.items())
           + (f"; skipped {len(skipped)} undecodable file(s): " + "; ".join(skipped[:5])
              + ("; ..." if len(skipped) > 5 else "") if skipped else ""))
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
                         help="an image (or mask) that does not decode: stop naming the file, or leave it out and report it")
+    parser.add_argument("--no-hflip", action="store_true", help="mark the data as mirror-sensitive (text, digits): "
+                                                               "trainers then do not flip it by default")
     return parser
 
 
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples_per_shard < 1:
         raise UserError("--samples-per-shard must be at least 1")
     build(args.imagefolder, args.out, args.samples_per_shard, None if args.no_shuffle else args.shuffle_seed,
-          args.overwrite, args.on_error)
+          args.overwrite, args.on_error, hflip=not args.no_hflip)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The built-in demo dataset: scikit-learn's handwritten digits on textured canvases, with per-pixel masks.
 
-Each image shows one target digit (its class is the label) covering roughly 10-35% of the canvas, and two or
-more smaller or fainter distractor digits of other classes. The `.mask.png` holds class + 1 for every pixel a
-digit covers (0 = background), for the target and the distractors alike. Glyphs come from `load_digits`
-(1,797 real 8x8 glyphs, no download); train and val draw from disjoint contiguous blocks of that file, which
-keeps one writer's samples on one side. `python -m shards.demo --out shards/demo [--train N --val M]`.
+Each image shows one target digit, the largest (its class is the image's label; side 31-59% of the canvas), and
+one or two distractor digits of other classes at 55-85% of the target's side, drawn almost as strongly: real
+second objects that a good labeler can name (at their own scale they are as recognisable as targets), so that
+token labels have something to say that the image label does not. The `.mask.png` holds class + 1 over each
+digit's region (its glyph's upsampled coverage above 0.15, strokes and the space between them), 0 elsewhere.
+Glyphs come from `load_digits` (1,797 real 8x8 glyphs, no download); train and val draw from disjoint contiguous
+blocks of that file. Digits are mirror-sensitive, so the manifest marks the data as not to be flipped.
+`python -m shards.demo --out shards/demo [--train N --val M]`.
 """
 
 import argparse
@@ -40,44 +43,45 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return field + grain + stripes
 
 
-def stamp(glyph: np.ndarray, side: int) -> np.ndarray:
-    """The glyph resized to side x side as coverage in [0,1], with crisp strokes."""
+def stamp(glyph: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The glyph at side x side: ink coverage in [0, 1] with crisp strokes, and the digit's region (bool)."""
     img = Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
-    return np.clip((np.asarray(img, np.float32) / 255.0 - 0.25) * 2.0, 0.0, 1.0)
+    coverage = np.asarray(img, np.float32) / 255.0
+    return np.clip((coverage - 0.25) * 2.0, 0.0, 1.0), coverage > 0.15
 
 
-def place(rng: np.random.Generator, side: int, size: int, taken: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """A top-left corner for a side x side digit, avoiding boxes already taken when a few tries allow."""
-    for _ in range(20):
+def place(rng: np.random.Generator, side: int, size: int, taken: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    """A top-left corner for a side x side digit that overlaps no box already taken, or None if none was found."""
+    for _ in range(200):
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
         if all(y + side <= ty or ty + ts <= y or x + side <= tx or tx + ts <= x for ty, tx, ts in taken):
-            break
-    return y, x
+            return y, x
+    return None
 
 
 def compose(rng: np.random.Generator, glyphs: np.ndarray, by_digit: list[np.ndarray],
             size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One canvas with its mask and class: the target's place is chosen first, distractors avoid it."""
+    """One canvas with its mask and class: the target first, then distractors where they fit beside it."""
     canvas = texture(rng, size)
     mask = np.zeros((size, size), np.uint8)
     target = int(rng.integers(10))
-    target_side = int(round(size * np.sqrt(rng.uniform(0.10, 0.35))))
+    target_side = int(round(size * rng.uniform(0.31, 0.59)))
     taken = [(*place(rng, target_side, size, []), target_side)]
-    others = rng.choice([d for d in range(10) if d != target], size=int(rng.integers(2, 4)), replace=False)
-    layers = []
-    for digit in others:
-        side = int(rng.integers(size // 7, size // 4))
-        taken.append((*place(rng, side, size, taken), side))
-        layers.append((int(digit), taken[-1], rng.uniform(0.45, 0.75)))
-    layers.append((target, taken[0], 1.0))  # drawn last, on top
-    for digit, (y, x, side), strength in layers:
-        cover = stamp(glyphs[rng.choice(by_digit[digit])], side)
+    layers = [(target, taken[0], 1.0)]
+    for digit in rng.choice([d for d in range(10) if d != target], size=int(rng.integers(1, 3)), replace=False):
+        side = int(round(target_side * rng.uniform(0.55, 0.85)))
+        spot = place(rng, side, size, taken)
+        if spot is not None:
+            taken.append((*spot, side))
+            layers.append((int(digit), taken[-1], rng.uniform(0.8, 1.0)))
+    for digit, (y, x, side), strength in layers[::-1]:  # the target last, on top
+        cover, region = stamp(glyphs[rng.choice(by_digit[digit])], side)
         colour = rng.uniform(0, 255, size=3)
         while abs(colour.mean() - canvas[y:y + side, x:x + side].mean()) < 80:  # keep digits visible
             colour = rng.uniform(0, 255, size=3)
         alpha = (cover * strength)[..., None]
         canvas[y:y + side, x:x + side] = canvas[y:y + side, x:x + side] * (1 - alpha) + colour * alpha
-        mask[y:y + side, x:x + side][cover > 0.5] = digit + 1
+        mask[y:y + side, x:x + side][region] = digit + 1
     return np.clip(canvas, 0, 255).astype(np.uint8), mask, target
 
 
@@ -104,7 +108,7 @@ def build_demo(out: Path, train: int = 10_000, val: int = 2_000, size: int = 64,
     prepare_out(out, overwrite)
     splits = {"train": (demo_samples("train", train, size, seed), train),
               "val": (demo_samples("val", val, size, seed), val)}
-    write_dataset(out, CLASSES, splits, has_masks=True, per_shard=per_shard)
+    write_dataset(out, CLASSES, splits, has_masks=True, per_shard=per_shard, hflip=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

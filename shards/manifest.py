@@ -26,6 +26,7 @@ class Manifest:
     classes: list[str]
     has_masks: bool
     splits: dict[str, dict]
+    hflip: bool = True  # mirrored images keep their class, so training may flip them (not so for digits)
 
     @property
     def num_classes(self) -> int:
@@ -55,8 +56,10 @@ class Manifest:
         return rows
 
 
-def write_manifest(root: Path, classes: list[str], has_masks: bool, splits: dict[str, dict]) -> None:
-    doc = {"format": FORMAT, "version": 1, "classes": classes, "has_masks": has_masks, "splits": splits}
+def write_manifest(root: Path, classes: list[str], has_masks: bool, splits: dict[str, dict],
+                   hflip: bool = True) -> None:
+    doc = {"format": FORMAT, "version": 1, "classes": classes, "has_masks": has_masks, "hflip": hflip,
+           "splits": splits}
     tmp = root / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(root / MANIFEST)
@@ -86,4 +89,4 @@ def load_manifest(root: str | Path) -> Manifest:
         missing = [s["file"] for s in split["shards"] if not (root / s["file"]).is_file()]
         if missing:
             raise UserError(f"{root / missing[0]}: shard listed in the manifest is missing ({len(missing)} missing in split '{name}')")
-    return Manifest(root, doc["classes"], doc["has_masks"], doc["splits"])
+    return Manifest(root, doc["classes"], doc["has_masks"], doc["splits"], doc.get("hflip", True))
