@@ -46,18 +46,6 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def add_over_ranks(value: Any) -> Any:
-    """`value` added up over ranks with its own `+` (e.g. label-quality counts); itself in one process."""
-    if world_size() == 1:
-        return value
-    values: list[Any] = [None] * world_size()
-    dist.all_gather_object(values, value)
-    total = values[0]
-    for other in values[1:]:
-        total = total + other
-    return total
-
-
 class DenseForward(nn.Module):
     """What DDP wraps: the model's dense forward (its `forward_dense`, keyword arguments passed on) or, with
     dense=False, its plain forward. DDP only synchronises what runs through a module's `forward`."""

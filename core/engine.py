@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.corruptions import SEVERITIES
-from core.distributed import add_over_ranks, mean_over_ranks, sum_over_ranks, world_size
+from core.distributed import mean_over_ranks, sum_over_ranks, world_size
 from core.eval_data import EvalPasses
-from core.label_quality import TokenCounts, token_accuracy
+from core.label_quality import MIXED, LabelQuality, top1_confidence
 from core.optim import Optimization
 from shards.errors import UserError
 from shards.manifest import load_manifest
@@ -77,26 +77,30 @@ def train_one_epoch(objective: Objective, optim: Optimization, batches: Iterable
 def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str = "val",
              device: str | torch.device = "cpu", batch_size: int = 256, workers: int = 2,
              corruptions: tuple[str, ...] = (), severities: tuple[int, ...] = SEVERITIES, crop_pct: float = 1.0,
-             mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD
-             ) -> dict[str, Any]:
+             mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+             shift: float = 0.0) -> dict[str, Any]:
     """A labeler's or student's accuracies on a split, in percent, from its `forward_dense`.
 
     Clean: top1 (class head), top1_combined (class logits + 0.5 x per-class max over token logits, the score
     LV-ViT and STL report), top1_pooled (the mean token logits) and, where the shards have masks, the
-    label-quality rates of core.label_quality. Then, per corruption and severity, class-head top-1
-    (`corrupted`) and their mean (corrupt_acc). Under torchrun every rank evaluates its shards of the split
-    and the counts are summed, so every rank gets the whole split's result.
+    label-quality report of core.label_quality (per token cell; `shift` is the labeler's view shift,
+    labeler.receptive). Then, per corruption and severity, class-head top-1 (`corrupted`) and their mean
+    (corrupt_acc). Under torchrun every rank evaluates its shards of the split and the counts are summed, so
+    every rank gets the whole split's result.
     """
     device = torch.device(device)
     model = model.to(device).eval()
-    has_masks = load_manifest(shards).has_masks
+    grid = None
+    if load_manifest(shards).has_masks:  # the token grid, to tell what each token's cell shows
+        grid = tuple(model.forward_dense(torch.zeros(1, 3, img_size, img_size, device=device))[2])
     settings = [(None, 0)] + [(name, severity) for name in corruptions for severity in severities]
-    data = EvalPasses(shards, split, img_size, settings, crop_pct=crop_pct, mean=mean, std=std, masks=has_masks)
+    data = EvalPasses(shards, split, img_size, settings, crop_pct=crop_pct, mean=mean, std=std, shift=shift,
+                      grid=grid)
     shards_per_pass = len(data.readers[0].rank_shards())
     loader = DataLoader(data, batch_size=batch_size, num_workers=min(workers, shards_per_pass),
                         pin_memory=device.type == "cuda")
     counts = torch.zeros(4, len(settings), dtype=torch.long, device=device)  # class, combined, pooled, all
-    tokens = TokenCounts()
+    quality = LabelQuality.zeros(device)
     count = partial(torch.bincount, minlength=len(settings))
     bar = tqdm(total=len(data), desc=f"eval {split}", leave=False, unit="img", disable=None)
     for batch in loader:
@@ -110,19 +114,18 @@ def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str 
         for row, logits in enumerate((cls_logits, combined, token_logits.mean(1))):
             counts[row] += count(setting[logits.argmax(-1) == labels])
         counts[3] += count(setting)
-        clean = batch["setting"] == 0
-        if has_masks and clean.any():
-            clean = clean.to(device)
-            tokens = tokens + token_accuracy(token_logits[clean], grid, batch["mask"].to(device)[clean], labels[clean])
+        if grid is not None:  # label quality of the clean pass (corrupted samples' cells count as not scored)
+            truth = torch.where((setting == 0)[:, None], batch["truth"].to(device, non_blocking=True), MIXED)
+            quality = quality + LabelQuality.measure(*top1_confidence(token_logits), truth, labels)
         bar.update(len(labels))
     bar.close()
-    counts, tokens = sum_over_ranks(counts).tolist(), add_over_ranks(tokens)
+    counts, quality = sum_over_ranks(counts).tolist(), LabelQuality(sum_over_ranks(quality.sums))
     correct, combined, pooled, total = counts
     if total[0] == 0:
         raise UserError(f"{shards}: split '{split}' yielded no samples")
     accuracy = [100.0 * c / n for c, n in zip(correct, total)]
     results: dict[str, Any] = {"top1": accuracy[0], "top1_combined": 100.0 * combined[0] / total[0],
-                               "top1_pooled": 100.0 * pooled[0] / total[0], **(tokens.rates() if has_masks else {})}
+                               "top1_pooled": 100.0 * pooled[0] / total[0], **(quality.rates() if grid is not None else {})}
     if len(settings) > 1:
         results["corrupted"] = {f"{name}/{severity}": acc for (name, severity), acc in zip(settings[1:], accuracy[1:])}
         results["corrupt_acc"] = float(np.mean(accuracy[1:]))

@@ -1,4 +1,4 @@
-"""Evaluation samples: the eval view of each image (core.eval_view), optionally corrupted, and its mask.
+"""Evaluation samples: the eval view of each image (core.eval_view), optionally corrupted, and what its cells show.
 
 One DataLoader streams a split once per setting (clean first, then each corruption and severity), every sample
 tagged with its setting, so its workers start once and never idle between passes. Under torchrun each rank
@@ -11,40 +11,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import IterableDataset
 
 from core.corruptions import corrupt_pixels
-from core.eval_view import centre_view, check_crop_pct
+from core.eval_view import centre_box, centre_view, check_crop_pct
+from core.label_quality import cell_truth
 from shards.errors import UserError
 from shards.reader import ShardReader
 
 
 class EvalTransform:
-    """Sample dict -> {"image": normalised [3, S, S], "cls"[, "mask": long [S, S]]}: the eval view, then an
-    optional corruption (seeded by the key) on its uint8 pixels. With `masks` the mask (class + 1 per pixel)
-    takes the same view with nearest resampling, so it lines up with the input pixels."""
+    """Sample dict -> {"image": normalised [3, S, S], "cls"[, "truth": long [H * W]]}: the eval view (shifted by
+    `shift` rendered pixels for a labeler whose tokens are off-centre), then an optional corruption (seeded by the
+    key) on its uint8 pixels. With a token `grid`, also what each cell of the view's box shows according to the
+    sample's mask (core.label_quality.cell_truth)."""
 
     def __init__(self, img_size: int, corruption: str | None = None, severity: int = 0, *, crop_pct: float = 1.0,
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 masks: bool = False):
+                 shift: float = 0.0, grid: tuple[int, int] | None = None):
         self.img_size, self.corruption, self.severity = img_size, corruption, severity
-        self.crop_pct, self.masks = check_crop_pct(crop_pct), masks
+        self.crop_pct, self.shift, self.grid = check_crop_pct(crop_pct), shift, grid
+        self.fill = tuple(round(255 * m) for m in mean)
         self.mean = np.array(mean, np.float32) * 255
         self.std = np.array(std, np.float32) * 255
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        pixels = np.asarray(centre_view(sample["image"], self.img_size, self.crop_pct))
+        view = centre_view(sample["image"], self.img_size, self.crop_pct, shift=self.shift, fill=self.fill)
+        pixels = np.asarray(view)
         if self.corruption:
             pixels = corrupt_pixels(pixels, sample["key"], self.corruption, self.severity)
         image = torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).astype(np.float32))
         out = {"image": image, "cls": sample["cls"]}
-        if self.masks:
+        if self.grid is not None:
             if sample["mask"] is None:
                 raise UserError(f"{sample['key']}: no .mask.png although manifest.json says the dataset has masks")
-            mask = centre_view(sample["mask"], self.img_size, self.crop_pct, Image.Resampling.NEAREST)
-            out["mask"] = torch.from_numpy(np.asarray(mask, np.int64))
+            box = centre_box(*sample["image"].size, self.crop_pct)
+            out["truth"] = torch.from_numpy(cell_truth(np.asarray(sample["mask"]), box, self.grid))
         return out
 
 

@@ -3,12 +3,19 @@
 This is timm's eval crop (shorter side to S / crop_pct, then the central S x S) without its integer rounding:
 the box is exact in continuous pixel coordinates (pixel (row i, col j) covers [j, j+1] x [i, i+1]) and is
 resampled to S x S in one antialiased resize. A labeler's map covers this box (its footprint); evaluation of
-labelers and students, and the dump's labeler input, all see it.
+labelers and students, and the dump's labeler input, all see it. A labeler whose token lattice is off-centre
+(labeler.receptive) sees the box shifted by a fraction of a token, so that each token's centre falls on the
+centre of its cell; where a shifted box reaches beyond the image, the image is extended by a fill colour.
 """
+
+import math
 
 from PIL import Image
 
 from shards.errors import UserError
+
+Box = tuple[float, float, float, float]
+FILTER_SUPPORT = 2.0  # PIL's widest filter (bicubic) reaches 2 source pixels, times the downscale factor
 
 
 def check_crop_pct(crop_pct: float) -> float:
@@ -25,7 +32,42 @@ def centre_box(width: int, height: int, crop_pct: float = 1.0) -> tuple[float, f
     return x0, y0, x0 + side, y0 + side
 
 
-def centre_view(image: Image.Image, size: int, crop_pct: float = 1.0,
-                resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """`image`'s centre_box resampled to size x size (masks: pass Image.NEAREST)."""
-    return image.resize((size, size), resample=resample, box=centre_box(*image.size, crop_pct))
+def shifted(box: Box, shift: float, size: int) -> Box:
+    """`box` moved right and down by `shift` pixels of its size x size rendering."""
+    x0, y0, x1, y1 = box
+    dx, dy = shift * (x1 - x0) / size, shift * (y1 - y0) / size
+    return x0 + dx, y0 + dy, x1 + dx, y1 + dy
+
+
+def outside(box: Box, width: int, height: int) -> bool:
+    """Whether the box reaches beyond a width x height image."""
+    x0, y0, x1, y1 = box
+    return x0 < 0 or y0 < 0 or x1 > width or y1 > height
+
+
+def padding(box: Box, size: int, width: int, height: int) -> int:
+    """Fill pixels to add on each side of an image that `box` reaches beyond (0 for a box inside it): enough that
+    the resampling filter never reaches the padded canvas's own edge."""
+    if not outside(box, width, height):
+        return 0
+    x0, y0, x1, y1 = box
+    scale = max((x1 - x0) / size, (y1 - y0) / size, 1.0)
+    return math.ceil(max(-x0, -y0, x1 - width, y1 - height) + FILTER_SUPPORT * scale) + 1
+
+
+def render_box(image: Image.Image, box: Box, size: int, resample: int = Image.Resampling.BICUBIC,
+               fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
+    """`box` of `image` resampled to size x size; beyond the image, the image is extended by `fill`."""
+    width, height = image.size
+    pad = padding(box, size, width, height)
+    if pad:
+        canvas = Image.new(image.mode, (width + 2 * pad, height + 2 * pad), fill if image.mode == "RGB" else 0)
+        canvas.paste(image, (pad, pad))
+        image, box = canvas, tuple(v + pad for v in box)
+    return image.resize((size, size), resample=resample, box=box)
+
+
+def centre_view(image: Image.Image, size: int, crop_pct: float = 1.0, resample: int = Image.Resampling.BICUBIC,
+                shift: float = 0.0, fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
+    """`image`'s centre_box, shifted by `shift` rendered pixels, resampled to size x size (masks: Image.NEAREST)."""
+    return render_box(image, shifted(centre_box(*image.size, crop_pct), shift, size), size, resample, fill)

@@ -15,7 +15,8 @@ TRAINING_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "epochs": (int, "total epochs of the schedule"),
     "batch-size": (int, "per process"),
     "opt": (str, "timm optimizer name (timm.optim.list_optimizers())"),
-    "lr": (float, "peak learning rate"),
+    "lr": (float, "peak learning rate (default: from --lr-base)"),
+    "lr-base": (float, "peak learning rate per 512 images of global batch (DeiT's linear rule); --lr wins"),
     "min-lr": (float, "final learning rate of the cosine schedule"),
     "warmup-lr": (float, "learning rate at the start of warmup"),
     "warmup-epochs": (float, "linear warmup epochs"),
@@ -26,7 +27,8 @@ TRAINING_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "color-jitter": (float, "colour-jitter strength, used only with --aa none (as timm); 0: off"),
     "reprob": (float, "random-erasing probability (image only)"),
     "crop-scale": (float, "smallest area share of RandomResizedCrop"),
-    "hflip": (float, "horizontal flip probability"),
+    "hflip": (float, "horizontal flip probability (default: 0.5, or 0 for data whose manifest says mirroring "
+                     "changes the class)"),
     "ema-decay": (float, "EMA decay (after timm's EMA warmup); evaluation and checkpoints' `ema` use it"),
     "clip-grad": (float, "max gradient norm (off by default)"),
     "seed": (int, "seeds the initialisation, data order, augmentation and every step's draws"),
@@ -61,13 +63,16 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: Mapping[str, A
                                                        "that a later run with the same flags resumes from")
 
 
-def check_training_args(a: argparse.Namespace) -> None:
-    """Refuse values that would fail late or silently (one line naming the flag)."""
-    checks = {"epochs": (a.epochs >= 1, "at least 1"), "batch_size": (a.batch_size >= 1, "at least 1"),
+def check_training_args(a: argparse.Namespace, allow_no_epochs: bool = False) -> None:
+    """Refuse values that would fail late or silently (one line naming the flag); --epochs 0 only where allowed."""
+    if a.lr is None and a.lr_base is None:
+        raise UserError("give --lr or --lr-base")
+    checks = {"epochs": (a.epochs >= (0 if allow_no_epochs else 1), "at least 1 (0 with --pretrained-file)"), "batch_size": (a.batch_size >= 1, "at least 1"),
               "workers": (a.workers >= 0, "at least 0"), "log_interval": (a.log_interval >= 1, "at least 1"),
               "max_steps": (a.max_steps is None or a.max_steps >= 1, "at least 1"),
               "stop_after": (a.stop_after is None or a.stop_after >= 1, "at least 1"),
-              "smoothing": (0 <= a.smoothing < 1, "in [0, 1)"), "lr": (a.lr > 0, "positive")}
+              "smoothing": (0 <= a.smoothing < 1, "in [0, 1)"), "lr": (a.lr is None or a.lr > 0, "positive"),
+              "lr_base": (a.lr_base is None or a.lr_base > 0, "positive")}
     for name, (ok, rule) in checks.items():
         if not ok:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be {rule}")

@@ -33,6 +33,7 @@ class Trainer:
     mean: tuple[float, ...]       # the model's input normalisation
     std: tuple[float, ...]
     objective: Objective
+    view_shift: float = 0.0       # a labeler's eval-view shift (labeler.receptive); 0 for students
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -51,6 +52,8 @@ class Trainer:
         self.identity = {"model_name": model_name, "num_classes": num_classes, "img_size": img_size,
                          "model_kwargs": model_kwargs or {}}
         self.steps = steps_per_epoch(data, a.batch_size, self.world, a.max_steps)
+        if a.lr is None:  # DeiT's linear rule: --lr-base per 512 images of global batch
+            a.lr = a.lr_base * a.batch_size * self.world / 512
         self.optim = Optimization(model, a, self.steps, self.device)
         self.module = training_module(model, find_unused)
 
@@ -88,7 +91,7 @@ class Trainer:
         a = self.args
         return evaluate(self.optim.ema.module, self.shards, self.identity["img_size"], device=self.device,
                         batch_size=a.batch_size, workers=a.workers, corruptions=corruptions, mean=self.mean,
-                        std=self.std)
+                        std=self.std, shift=self.view_shift)
 
     def train_epoch(self) -> dict[str, float]:
         a = self.args
@@ -107,19 +110,22 @@ class Trainer:
             started = time.time()
             train = self.train_epoch()
             self.epoch += 1
-            record = {"epoch": self.epoch, **self.evaluate(), **train, "lr": self.optim.lr,
-                      "time": time.time() - started}
-            if self.main_process:
-                with open(a.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                self.save()
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                      flush=True)
-            barrier()
+            self.write_epoch({"epoch": self.epoch, **self.evaluate(), **train, "lr": self.optim.lr,
+                              "time": time.time() - started})
         if self.main_process:
             print(f"{a.out / 'last.pt'}: {self.epoch}/{a.epochs} epochs", flush=True)
         if self.epoch == a.epochs:
             self.finish()
+
+    def write_epoch(self, record: dict[str, Any]) -> None:
+        """Rank 0 appends the epoch's record to metrics.jsonl, saves last.pt and prints the record; all wait."""
+        if self.main_process:
+            with open(self.args.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.save()
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                           if not isinstance(v, dict)), flush=True)
+        barrier()
 
     def finish(self) -> None:
         """What a complete run does last (nothing by default)."""

@@ -46,6 +46,7 @@ from dump.store import (
     temporary_path,
 )
 from labeler.load import load_labeler
+from labeler.receptive import input_shift, token_geometry
 from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import ON_ERROR
@@ -54,32 +55,30 @@ ENGINES = ("ray", "local")
 
 
 def probe_labeler(checkpoint: Path, input_size: int | None) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
-    """Load the labeler once in the driver: (its identity, its data config, the token grid at the input size).
+    """Load the labeler once in the driver: (its identity and token geometry, its data config, the token grid at
+    the input size).
 
-    The input size must be a multiple of the labeler's stride (its training size over its grid there), so that
-    the grid's cells tile the labeler's tokens exactly.
+    The input size must be a multiple of the labeler's stride (labeler.receptive.token_geometry), so that the
+    grid's cells tile the labeler's tokens exactly.
     """
     model, meta = load_labeler(checkpoint, "cpu")
     config = resolve_model_data_config(model)
-    trained, size = meta["img_size"], input_size or meta["img_size"]
-    with torch.inference_mode():
-        _, _, (h, w) = model.forward_dense(torch.zeros(1, 3, trained, trained))
-        stride = trained // h if trained % h == 0 and trained % w == 0 and h == w else None
-        if stride is None:
-            raise UserError(f"{checkpoint}: labeler {meta['model']} has a {h}x{w} grid at {trained}, not a whole "
-                            f"stride; the dump needs square, evenly tiling tokens")
-        if size < stride or size % stride:
-            raise UserError(f"--input-size {size} is not a multiple of labeler {meta['model']}'s stride {stride}; "
-                            f"use e.g. {max(stride, size // stride * stride)} or {(size // stride + 1) * stride}")
-        try:
+    size = input_size or meta["img_size"]
+    geometry = token_geometry(model, meta["img_size"])
+    stride = geometry["stride"]
+    if size < stride or size % stride:
+        raise UserError(f"--input-size {size} is not a multiple of labeler {meta['model']}'s stride {stride}; "
+                        f"use e.g. {max(stride, size // stride * stride)} or {(size // stride + 1) * stride}")
+    try:
+        with torch.inference_mode():
             _, _, grid = model.forward_dense(torch.zeros(1, 3, size, size))
-        except (RuntimeError, AssertionError, ValueError) as e:
-            raise UserError(f"--input-size {size} does not suit labeler {meta['model']} ({e})") from e
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UserError(f"--input-size {size} does not suit labeler {meta['model']} ({e})") from e
     if tuple(grid) != (size // stride, size // stride):
         raise UserError(f"--input-size {size}: labeler {meta['model']} gives a {grid[0]}x{grid[1]} grid, not "
-                        f"{size // stride}x{size // stride}; use its training size {trained}")
+                        f"{size // stride}x{size // stride}; use its training size {meta['img_size']}")
     check_interpolation(config["interpolation"])
-    return {**meta, "input_size": size}, config, tuple(grid)
+    return {**meta, **geometry, "input_size": size}, config, tuple(grid)
 
 
 def open_or_create(path: Path, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
@@ -155,11 +154,13 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
             device, gpus_per_actor, actors, cpus_per_actor = placement(engine, gpus_per_actor, actors, threads)
             precision = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
             decode = decode if decode != "auto" else "device" if device == "cuda" else "cpu"
-            footprint = make_footprint(meta["input_size"], crop_pct, config["interpolation"])
+            footprint = make_footprint(meta["input_size"], crop_pct, config["interpolation"],
+                                       shift=input_shift(meta))
             attrs = store_attrs(
                 num_classes=meta["num_classes"], k=topk, grid=grid, footprint=footprint,
                 labeler={"model": meta["model"], "sha256": meta["sha256"], "input_size": meta["input_size"],
-                         "epoch": meta["epoch"], "mean": list(config["mean"]), "std": list(config["std"])},
+                         "epoch": meta["epoch"], "mean": list(config["mean"]), "std": list(config["std"]),
+                         "stride": meta["stride"], "token_centre": meta["centre"]},
                 dataset=dataset_attrs(manifest, split),
                 producer={"tool": "dump.dump_labels", "batch_size": batch_size, "device": device,
                           "precision": precision, "decode": decode,

@@ -23,6 +23,7 @@ import torch
 import torchvision.io
 import zarr
 
+from core.eval_view import shifted
 from dump.render import fill_colour, labeler_input, normalise, render_boxes
 from dump.store import footprint_box
 from labeler.load import load_labeler
@@ -58,8 +59,10 @@ class DumpJob:
         return self.manifest.shards(self.split)[position]
 
     def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The region of an original image the labeler sees (the store's footprint)."""
-        return footprint_box(self.footprint, width, height)
+        """The region of an original image the labeler sees: the store's footprint, shifted by the labeler's
+        token offset (labeler.receptive) so that each token's centre lands on the centre of its cell."""
+        footprint = self.footprint
+        return shifted(footprint_box(footprint, width, height), footprint["shift"], footprint["input_size"])
 
 
 class Row:

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dump.store import check_matches, footprint_box, open_store
-from dump.verify import default_shards
-from labeler.quality import LabelQuality, cell_truth, top1_confidence
+from core.label_quality import LabelQuality, cell_truth, top1_confidence
+from dump.store import SHARDS_HELP, check_matches, footprint_box, open_store, store_shards
 from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard
@@ -25,12 +24,12 @@ from shards.reader import read_shard
 def store_quality(store_path: str | Path, shards: str | Path | None = None) -> dict[str, Any]:
     """The quality report of every labelled row of the store (rates as labeler.quality.LabelQuality.rates)."""
     store = open_store(store_path)
-    manifest = load_manifest(shards if shards is not None else default_shards(Path(store_path)))
+    manifest = load_manifest(store_shards(store, shards))
     if not manifest.has_masks:
         raise UserError(f"{manifest.root}: the dataset has no masks (.mask.png); label quality needs them")
     split = store.attrs["dataset"]["split"]
     check_matches(store, manifest, split)
-    quality, grid, valid = LabelQuality(), store.grid, store.valid()
+    quality, grid, valid = LabelQuality.zeros(), store.grid, store.valid()
     bar = tqdm(total=store.num_rows, unit="img", desc="label quality", disable=None)
     for position, (name, _) in enumerate(manifest.shards(split)):
         start, stop = store.shard_rows(position)
@@ -74,7 +73,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", type=Path, help="label store (a .zarr folder)")
-    parser.add_argument("--shards", type=Path, help="the shard folder the store labels (default: the store's record)")
+    parser.add_argument("--shards", type=Path, help=SHARDS_HELP)
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     report = store_quality(args.store, args.shards)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.eval_view import Box, outside, padding, render_box
 from shards.errors import UserError
 
-Box = tuple[float, float, float, float]
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.5}
 
@@ -35,33 +35,10 @@ def check_interpolation(interpolation: str) -> None:
                         f"use one of {', '.join(RESAMPLE)}")
 
 
-def outside(box: Box, width: int, height: int) -> bool:
-    """Whether the box reaches beyond the image (then the image is extended by the fill colour)."""
-    x0, y0, x1, y1 = box
-    return x0 < 0 or y0 < 0 or x1 > width or y1 > height
-
-
-def padding(box: Box, size: int, width: int, height: int) -> int:
-    """Fill-colour pixels added on each side of an image that `box` reaches beyond (0 for a box inside it): enough
-    that the filter never reaches the padded canvas's own edge."""
-    if not outside(box, width, height):
-        return 0
-    x0, y0, x1, y1 = box
-    scale = max((x1 - x0) / size, (y1 - y0) / size, 1.0)
-    return math.ceil(max(-x0, -y0, x1 - width, y1 - height) + SUPPORT["bicubic"] * scale) + 1
-
-
 def labeler_input(image: Image.Image, box: Box, size: int, interpolation: str = "bicubic",
                   fill: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
     """The labeler's view of `box` of an RGB image: uint8 [S, S, 3], exactly the box resampled to S x S."""
-    width, height = image.size
-    pad = padding(box, size, width, height)
-    if pad:
-        x0, y0, x1, y1 = box
-        canvas = Image.new("RGB", (width + 2 * pad, height + 2 * pad), fill)
-        canvas.paste(image, (pad, pad))
-        image, box = canvas, (x0 + pad, y0 + pad, x1 + pad, y1 + pad)
-    return np.asarray(image.resize((size, size), RESAMPLE[interpolation], box=box))
+    return np.asarray(render_box(image, box, size, RESAMPLE[interpolation], fill))
 
 
 def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:

@@ -50,10 +50,15 @@ RUN_STATE = ("complete", "skipped")  # attributes that change while a store is f
 CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte-shuffled fp16/int16 then zstd, lossless
 
 
-def make_footprint(input_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic") -> dict[str, Any]:
-    """The rule that turned an original image into the labeler's S x S input (core.eval_view's centre view)."""
+def make_footprint(input_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic",
+                   shift: float = 0.0) -> dict[str, Any]:
+    """The rule that turned an original image into the labeler's S x S input (core.eval_view's centre view).
+
+    The map's cells tile the footprint box; `shift` (labeler input pixels, right and down) is how far the box the
+    labeler saw was moved so that each token's receptive-field centre falls on its cell's centre
+    (labeler.receptive)."""
     return {"resize": "shorter side to input_size/crop_pct", "crop": "center", "crop_pct": check_crop_pct(crop_pct),
-            "input_size": input_size, "interpolation": interpolation}
+            "input_size": input_size, "interpolation": interpolation, "shift": shift}
 
 
 def footprint_box(footprint: Mapping[str, Any], width: int, height: int) -> tuple[float, float, float, float]:

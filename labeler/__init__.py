@@ -1,6 +1,7 @@
-"""FAN and FAN-Hybrid models with a dense per-patch head, and FAN token-labeler (FAN-TL) training.
+"""Token labelers: FAN and FAN-Hybrid models with a dense per-patch head (STL's FAN-TL), the demo CNN, any timm
+classifier applied at every position (labeler.dense), and their training.
 
-`import labeler` registers the FAN models with timm, as timm registers its own.
+`import labeler` registers the FAN models and the demo CNN with timm, as timm registers its own.
 """
 
-from labeler import fan  # noqa: F401
+from labeler import cnn, fan  # noqa: F401

@@ -7,8 +7,11 @@ that position alone; a ViT's `fc_norm` and head run on every patch token. FAN (l
 `build_labeler` gives every labeler the same `forward_dense(x) -> (class logits, token logits [B, N, K], grid)`.
 """
 
+from pathlib import Path
+
 import timm
 import torch
+from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -50,15 +53,42 @@ class DenseClassifier(nn.Module):
         return {f"model.{name}" for name in inner}
 
 
-def build_labeler(name: str, num_classes: int, **kwargs) -> nn.Module:
+def build_labeler(name: str, num_classes: int, pretrained_file: str | Path | None = None, **kwargs) -> nn.Module:
     """timm model `name` with `forward_dense`: FAN as it is, a CNN or ViT classifier wrapped in DenseClassifier.
 
-    kwargs go to timm.create_model (drop_path_rate, pretrained, pretrained_cfg_overlay, ...).
+    `pretrained_file`: a local safetensors file or torch state dict of the model (nothing is downloaded); every
+    tensor must fit, except a classifier with another number of classes, which is left untrained. kwargs go to
+    timm.create_model (drop_path_rate, ...).
     """
     if not timm.is_model(name):
         raise UserError(f"--model {name}: not a timm model (labelers: FAN {', '.join(timm.list_models('fan_*')[:3])}"
                         f", ..., the demo CNN cnn_demo_s8, or any timm CNN / ViT classifier)")
     model = timm.create_model(name, num_classes=num_classes, **kwargs)
-    if callable(getattr(model, "forward_dense", None)):
-        return model
-    return DenseClassifier(model)
+    if pretrained_file is not None:
+        load_weights(model, Path(pretrained_file))
+    return model if callable(getattr(model, "forward_dense", None)) else DenseClassifier(model)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a weights file into `model`, refusing (one line) one that is not this architecture's."""
+    if not path.is_file():
+        raise UserError(f"--pretrained-file {path}: no such file")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a file that is not theirs
+        raise UserError(f"--pretrained-file {path}: not a safetensors file or torch state dict "
+                        f"({type(e).__name__}); pass the model's weights") from None
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    heads = {f"{c}.{p}" for c in ([classifier] if isinstance(classifier, str) else classifier) for p in ("weight", "bias")}
+    state = {k: v for k, v in state.items() if not (k in heads and k in own and v.shape != own[k].shape)}
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - heads)
+    unexpected = sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        what = (f"{len(wrong)} tensor(s) of other shapes, e.g. {wrong[0]}" if wrong else
+                f"{len(missing)} tensor(s) missing, e.g. {missing[0]}" if missing else
+                f"{len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[0]}")
+        raise UserError(f"--pretrained-file {path}: not weights of {type(model).__name__} as built here ({what}); "
+                        f"pass the weights of this very architecture")
+    model.load_state_dict(state, strict=False)

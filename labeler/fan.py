@@ -215,7 +215,7 @@ def _cfg(**kwargs) -> dict:
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 1.0, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0.0", "classifier": "head", **kwargs,
+        "first_conv": "patch_embed.proj.0.0", "classifier": ("head", "aux_head"), **kwargs,
     }
 
 

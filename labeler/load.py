@@ -3,12 +3,12 @@
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
 from core.checkpoint import file_sha256, read_checkpoint
+from labeler.dense import build_labeler
 from shards.errors import UserError
 
 
@@ -18,11 +18,12 @@ def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     ckpt = read_checkpoint(path)
     if ckpt.get("kind", "labeler") != "labeler":
         raise UserError(f"{path}: is a {ckpt['kind']} checkpoint, not a labeler's; pass DIR/last.pt of labeler.train")
-    model = timm.create_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    model = build_labeler(ckpt["model"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["ema"])
     model.to(device).eval()
     config = resolve_model_data_config(model)
     meta = {
+        "kind": "labeler",
         "model": ckpt["model"],
         "num_classes": ckpt["num_classes"],
         "img_size": ckpt["img_size"],

@@ -25,6 +25,7 @@ from core.checkpoint import read_checkpoint
 from core.corruptions import CORRUPTIONS, SEVERITIES, check_baseline, check_corruptions, mean_corruption_error
 from core.engine import evaluate
 from labeler.load import load_labeler
+from labeler.receptive import input_shift, token_geometry
 from shards.errors import UserError, cli
 from train.models import build_student
 
@@ -48,7 +49,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     except RuntimeError as e:
         raise UserError(f"{path}: {ckpt['model']} was trained at {ckpt['img_size']} px and its weights do not fit "
                         f"{size} px ({str(e).splitlines()[-1].strip()}); evaluate without --img-size") from e
-    meta = {k: ckpt[k] for k in ("model", "num_classes", "img_size")}
+    meta = {"kind": "student", **{k: ckpt[k] for k in ("model", "num_classes", "img_size")}}
     return model.to(device).eval(), meta
 
 
@@ -89,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     if baseline is not None:  # before the evaluation, not after it
         check_baseline(baseline, [f"{name}/{severity}" for name in corruptions for severity in args.severities])
     model, meta = load_model(args.checkpoint, args.device, args.img_size)
-    # students train on ImageNet's normalisation (train.student); a labeler on its model's data config
-    results = evaluate(model, args.shards, args.img_size or meta["img_size"], split=args.split, device=args.device,
+    size = args.img_size or meta["img_size"]
+    # students train on ImageNet's normalisation (train.student); a labeler on its model's data config, and it
+    # sees the view its dump renders (shifted where its tokens are off-centre, labeler.receptive)
+    shift = input_shift(token_geometry(model, size)) if meta["kind"] == "labeler" else 0.0
+    results = evaluate(model, args.shards, size, split=args.split, device=args.device,
                        batch_size=args.batch_size, workers=args.workers, corruptions=corruptions,
                        severities=tuple(args.severities), crop_pct=args.crop_pct,
-                       mean=meta.get("mean", IMAGENET_DEFAULT_MEAN), std=meta.get("std", IMAGENET_DEFAULT_STD))
+                       mean=meta.get("mean", IMAGENET_DEFAULT_MEAN), std=meta.get("std", IMAGENET_DEFAULT_STD),
+                       shift=shift)
     if baseline is not None:
         results["mce"] = mean_corruption_error(results, baseline)
         results["mce_baseline"] = str(args.baseline)

@@ -53,6 +53,12 @@ class Student(nn.Module):
         """Class logits [B, K], exactly the timm model's forward."""
         return self.model(x)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The timm model's own exclusions (position embeddings, class tokens, ...), under this wrapper's names;
+        timm's optimizer factory also spares every bias and norm weight (1-D parameters)."""
+        return {f"model.{name}" for name in getattr(self.model, "no_weight_decay", set)()}
+
     def grid(self, img_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (h, w) for an input of img_size (default: the size the student was built for)."""
         H, W = to_2tuple(img_size) if img_size is not None else self.img_size

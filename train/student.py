@@ -28,9 +28,9 @@ from train.models import build_student
 from train.objective import MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
 from train.targets import TOKEN_TARGET_KINDS
 
-DEFAULTS = {"batch-size": 64, "lr": 1e-3, "min-lr": 1e-5, "warmup-epochs": 1, "weight-decay": 0.05,
+DEFAULTS = {"batch-size": 64, "lr-base": 5e-4, "min-lr": 1e-5, "warmup-epochs": 1, "weight-decay": 0.05,
             "drop-path": 0.1, "smoothing": 0.1, "aa": "rand-m9-mstd0.5-inc1", "color-jitter": 0.4, "reprob": 0.25,
-            "crop-scale": 0.08, "hflip": 0.5, "ema-decay": 0.998}
+            "crop-scale": 0.08, "ema-decay": 0.998}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +95,8 @@ class Run(Trainer):
         manifest = load_manifest(self.shards)
         manifest.split("val")  # refuse a dataset without a val split now, not after training
         num_classes = manifest.num_classes
+        if a.hflip is None:
+            a.hflip = 0.5 if manifest.hflip else 0.0
         self.labeler, labeler_input, store_input = None, None, None
         if a.online_labeler is not None:
             self.labeler, meta = load_labeler(a.online_labeler, self.device)
