@@ -34,7 +34,7 @@ class Optimization:
     def __init__(self, model: nn.Module, args: argparse.Namespace, steps_per_epoch: int, device: torch.device):
         self.model, self.clip_grad = model, args.clip_grad or None
         self.optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched="cosine", num_epochs=args.epochs,
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched="cosine", num_epochs=max(args.epochs, 1),
                                                 warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                                 min_lr=args.min_lr, step_on_epochs=False,
                                                 updates_per_epoch=steps_per_epoch)

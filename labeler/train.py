@@ -129,7 +129,7 @@ class LabelerRun(Trainer):
 
     def finish(self) -> None:
         """With --epochs 0 (a --pretrained-file labeler): the checkpoint of the file's weights, and their evaluation."""
-        if self.args.epochs == 0:
+        if self.args.epochs == 0 and not (self.args.out / "metrics.jsonl").is_file():
             self.write_epoch({"epoch": 0, **self.evaluate()})
 
 
