@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import Pipeline, check_pipeline, load_pipelines
 from shards.errors import UserError, cli
+from shards.manifest import load_manifest
 from shards.reader import split_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,12 @@ class Runner:
         self.runs = ROOT / pipeline.runs
         self.records = self.runs / "stages"
         self.shards = ROOT / pipeline.dataset.out
-        self.store = self.shards / "labels" / f"{pipeline.dump.name}.zarr"
         self.summary: list[tuple[str, str, float]] = []
+        self.dump_ids: dict[str, str] = {}  # labeler name -> identity of its dump stage
+
+    def store(self, labeler: str | None = None) -> Path:
+        """The store of a labeler (default: the first, the students' default)."""
+        return self.shards / "labels" / f"{labeler or self.p.labelers[0].name}.zarr"
 
     def stage(self, name: str, ident: str, outputs: list[Path], commands: list[list[str]], fresh: list[Path]) -> str:
         """Run a stage's commands unless its record matches `ident`; on a changed configuration clear `fresh` first."""
@@ -89,7 +94,7 @@ class Runner:
         print(self.table())
 
     def prepare(self) -> None:
-        """Dataset, labeler and dump: what every student of the pipeline reads."""
+        """Dataset, then per labeler its training, dump and label-quality report: what the students read."""
         p = self.p
         d = p.dataset
         if d.demo is not None:
@@ -98,26 +103,31 @@ class Runner:
             command = self.module("shards.build", "--imagefolder", d.imagefolder, "--out", d.out, "--overwrite",
                                   *flags(d.args))
         data_id = self.stage("dataset", identity(asdict(d)), [self.shards / "manifest.json"], [command], [])
-
-        lab = p.labeler
-        lab_dir = ROOT / lab.out
-        lab_id = self.stage("labeler", identity(asdict(lab), data_id), [lab_dir / "last.pt"], [self.module(
-            "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs", str(lab.epochs), "--out", lab.out,
-            *flags(lab.args), launcher=lab.launcher)], [lab_dir])
-
-        dump = p.dump
-        dump_args = {"topk": dump.topk, "input-size": dump.input_size, **dump.args}
-        self.dump_id = self.stage("dump", identity(asdict(dump), lab_id), [self.store], [self.module(
-            "dump.dump_labels", "--shards", d.out, "--checkpoint", str(lab_dir / "last.pt"),
-            "--out", str(self.store), "--overwrite", *flags(dump_args))], [])
+        for lab in p.labelers:
+            lab_dir = self.runs / lab.name
+            lab_id = self.stage(f"labeler-{lab.name}", identity({**asdict(lab), "dump": None}, data_id),
+                                [lab_dir / "last.pt"], [self.module(
+                                    "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs",
+                                    str(lab.epochs), "--out", str(lab_dir), *flags(lab.args), launcher=lab.launcher)],
+                                [lab_dir])
+            dump_args = {"topk": lab.dump.topk, "input-size": lab.dump.input_size, **lab.dump.args}
+            store = self.store(lab.name)
+            self.dump_ids[lab.name] = self.stage(f"dump-{lab.name}", identity(asdict(lab.dump), lab_id), [store], [
+                self.module("dump.dump_labels", "--shards", d.out, "--checkpoint", str(lab_dir / "last.pt"),
+                            "--out", str(store), "--overwrite", *flags(dump_args))], [])
+            if load_manifest(self.shards).has_masks:
+                report = lab_dir / "quality.json"
+                self.stage(f"quality-{lab.name}", self.dump_ids[lab.name], [report], [self.module(
+                    "dump.quality", str(store), "--out", str(report))], [report])
 
     def train_students(self) -> None:
         p = self.p
         for s in p.students:
             out = self.runs / s.name
             extra = [] if s.token_labels else ["--no-token-labels"]
-            self.stage(f"student-{s.name}", identity(asdict(s), self.dump_id), [out / "last.pt"], [self.module(
-                "train.student", "--labels", str(self.store), "--model", s.model, "--epochs", str(s.epochs),
+            dump_id = self.dump_ids[s.labels or p.labelers[0].name]
+            self.stage(f"student-{s.name}", identity(asdict(s), dump_id), [out / "last.pt"], [self.module(
+                "train.student", "--labels", str(self.store(s.labels)), "--model", s.model, "--epochs", str(s.epochs),
                 "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out])
 
     def evaluate(self) -> None:
@@ -133,31 +143,43 @@ class Runner:
                                                          *base, *flags(eval_args))], [out / "eval.json"])
 
     def pictures(self) -> None:
+        """Token-label pictures (dump.show) of the first train samples, from every labeler's store."""
         p, pictures = self.p, self.runs / "pictures"
         keys = split_keys(self.shards, "train")[: p.pictures.count]
-        self.stage("pictures", identity(asdict(p.pictures), self.dump_id), [pictures], [self.module(
-            "dump.show", str(self.store), "--key", key, "--out", str(pictures / f"{key.replace('/', '_')}.png"))
-            for key in keys], [pictures])
+        for lab in p.labelers:
+            folder = pictures / lab.name
+            self.stage(f"pictures-{lab.name}", identity(asdict(p.pictures), self.dump_ids[lab.name]), [folder], [
+                self.module("dump.show", str(self.store(lab.name)), "--key", key, "--out",
+                            str(folder / f"{key.replace('/', '_')}.png")) for key in keys], [folder])
 
     def stage_ident(self, name: str) -> str:
         path = self.records / f"{name}.json"
         return json.loads(path.read_text())["identity"] if path.is_file() else ""
 
     def table(self) -> str:
-        """What the run made and measured, as a markdown table (also written to <runs>/summary.md)."""
+        """What the run made and measured, as markdown tables (also written to <runs>/summary.md)."""
         lines = [f"# pipeline {self.p.name}", "", "| stage | status | seconds |", "|---|---|---|"]
         lines += [f"| {n} | {s} | {t:.0f} |" for n, s, t in self.summary]
-        lab = last_metrics(ROOT / self.p.labeler.out / "metrics.jsonl")
-        lines += ["", f"labeler {self.p.labeler.model}: top1 {fmt(lab.get('top1'))}, "
-                      f"token_fg_acc {fmt(lab.get('token_fg_acc'))}, store {self.store}", "",
-                  "| student | model | token labels | top1 | top1 combined | corrupt acc | mCE | fg token acc | train s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Labelers, and their token labels per map cell against the masks (dump.quality):", "",
+                  "| labeler | model | val top-1 | target cells right | other objects' cells right | "
+                  "background cells saying the image class | confidence object / background |",
+                  "|---|---|---|---|---|---|---|"]
+        for lab in self.p.labelers:
+            top1 = last_metrics(self.runs / lab.name / "metrics.jsonl").get("top1")
+            q = read_json(self.runs / lab.name / "quality.json")
+            lines.append(f"| {lab.name} | {lab.model} | {fmt(top1)} | {fmt(q.get('label_target_acc'))} | "
+                         f"{fmt(q.get('label_other_acc'))} | {fmt(q.get('label_background_image_class'))} | "
+                         f"{fmt(q.get('label_object_confidence'))} / {fmt(q.get('label_background_confidence'))} |")
+        lines += ["| (a labeler repeating the image class everywhere) | | | 100.00 | 0.00 | 100.00 | |", "",
+                  "| student | model | token labels | top1 | top1 combined | corrupt acc | mCE | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in self.p.students:
             ev = read_json(self.runs / s.name / "eval.json")
             seconds = sum(m.get("time", 0) for m in read_jsonl(self.runs / s.name / "metrics.jsonl"))
-            lines.append(f"| {s.name} | {s.model} | {'yes' if s.token_labels else 'no'} | {fmt(ev.get('top1'))} | "
+            labels = (s.labels or self.p.labelers[0].name) if s.token_labels else "no"
+            lines.append(f"| {s.name} | {s.model} | {labels} | {fmt(ev.get('top1'))} | "
                          f"{fmt(ev.get('top1_combined'))} | {fmt(ev.get('corrupt_acc'))} | {fmt(ev.get('mce'))} | "
-                         f"{fmt(ev.get('token_fg_acc'))} | {seconds:.0f} |")
+                         f"{seconds:.0f} |")
         text = "\n".join(lines) + "\n"
         (self.runs / "summary.md").write_text(text)
         return text

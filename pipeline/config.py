@@ -21,20 +21,20 @@ class Dataset:
 
 
 @dataclass
-class Labeler:
-    model: str
-    epochs: int
-    out: str                          # run folder: last.pt, metrics.jsonl
-    launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
+class Dump:
+    topk: int = 5
+    input_size: int | None = None     # labeler input side; the grid follows from the labeler's stride
     args: Args = field(default_factory=dict)
 
 
 @dataclass
-class Dump:
-    name: str                         # the store is <dataset.out>/labels/<name>.zarr
-    topk: int = 5
-    input_size: int | None = None     # labeler input side; the grid follows from the labeler's stride
+class Labeler:
+    name: str                         # run folder <runs>/<name>; store <dataset.out>/labels/<name>.zarr
+    model: str
+    epochs: int
+    launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
     args: Args = field(default_factory=dict)
+    dump: Dump = field(default_factory=Dump)
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Student:
     model: str
     epochs: int
     token_labels: bool = True
+    labels: str | None = None         # the labeler whose store it reads (default: the first labeler)
     launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
     args: Args = field(default_factory=dict)
 
@@ -65,8 +66,7 @@ class Pipeline:
     name: str
     runs: str                         # folder of the labeler and student runs
     dataset: Dataset
-    labeler: Labeler
-    dump: Dump
+    labelers: list[Labeler]           # the first is the students' default
     students: list[Student]
     eval: Eval = field(default_factory=Eval)
     pictures: Pictures = field(default_factory=Pictures)
@@ -130,9 +130,10 @@ def stage_args(pipeline: Pipeline) -> list[tuple[str, str, Args]]:
     where = f"pipelines.yaml:{pipeline.name}"
     dataset_tool = "shards.demo" if pipeline.dataset.demo is not None else "shards.build"
     out = [(f"{where}.dataset.args", dataset_tool, pipeline.dataset.args),
-           (f"{where}.labeler.args", "labeler.train", pipeline.labeler.args),
-           (f"{where}.dump.args", "dump.dump_labels", pipeline.dump.args),
            (f"{where}.eval.args", "train.eval", pipeline.eval.args)]
+    for i, labeler in enumerate(pipeline.labelers):
+        out += [(f"{where}.labelers[{i}].args", "labeler.train", labeler.args),
+                (f"{where}.labelers[{i}].dump.args", "dump.dump_labels", labeler.dump.args)]
     if pipeline.dataset.demo is not None:
         out.append((f"{where}.dataset.demo", "shards.demo", pipeline.dataset.demo))
     out += [(f"{where}.students[{i}].args", "train.student", s.args) for i, s in enumerate(pipeline.students)]
@@ -162,13 +163,22 @@ def check_flags(where: str, module: str, args: Args) -> None:
 
 def check_pipeline(pipeline: Pipeline) -> None:
     """Validate every stage's extra flags against its command-line tool."""
+    where = f"pipelines.yaml:{pipeline.name}"
     if (pipeline.dataset.demo is None) == (pipeline.dataset.imagefolder is None):
-        raise UserError(f"pipelines.yaml:{pipeline.name}.dataset: give exactly one of 'demo' or 'imagefolder'")
+        raise UserError(f"{where}.dataset: give exactly one of 'demo' or 'imagefolder'")
+    labelers = [labeler.name for labeler in pipeline.labelers]
     names = [s.name for s in pipeline.students]
-    if len(set(names)) != len(names):
-        raise UserError(f"pipelines.yaml:{pipeline.name}.students: names must be unique, got {names}")
+    if not labelers:
+        raise UserError(f"{where}.labelers: give at least one labeler")
+    if len(set(names + labelers)) != len(names + labelers):
+        raise UserError(f"{where}: labeler and student names must be unique (they name run folders), got "
+                        f"{labelers + names}")
+    for i, student in enumerate(pipeline.students):
+        if student.labels is not None and student.labels not in labelers:
+            raise UserError(f"{where}.students[{i}].labels: {student.labels!r} is not a labeler name "
+                            f"({', '.join(labelers)})")
     if pipeline.eval.baseline is not None and pipeline.eval.baseline not in names:
-        raise UserError(f"pipelines.yaml:{pipeline.name}.eval.baseline: {pipeline.eval.baseline!r} is not a student "
-                        f"name ({', '.join(names)})")
-    for where, module, args in stage_args(pipeline):
-        check_flags(where, module, args)
+        raise UserError(f"{where}.eval.baseline: {pipeline.eval.baseline!r} is not a student name "
+                        f"({', '.join(names)})")
+    for place, module, args in stage_args(pipeline):
+        check_flags(place, module, args)

@@ -1,10 +1,10 @@
-"""The results table (docs/results.md): student variants on one pipeline's store, mean and spread over seeds.
+"""The results table (docs/results.md): student variants on a pipeline's stores, mean and spread over seeds.
 
-`python -m pipeline.results --pipeline demo --seeds 0 1 2 --jobs 2` prepares the pipeline's dataset, labeler and
-dump (skipped when up to date), trains every variant once per seed at equal epochs (a finished run is reused,
-an interrupted one resumed; each run logs to its own file), and writes the table between the markers of
-docs/results.md. Every variant is the pipeline's first token-label student (model, epochs, args) plus the
-variant's flags.
+`python -m pipeline.results --pipeline demo --seeds 0 1 2 --jobs 2` prepares the pipeline's dataset, labelers,
+dumps and label-quality reports (skipped when up to date), trains every variant once per seed at equal epochs
+(a finished run is reused, an interrupted one resumed; each run logs to its own file), and writes the table
+between the markers of docs/results.md. Every variant is the pipeline's first token-label student (model,
+epochs, args) plus the variant's flags, reading the store of the variant's labeler (the first unless named).
 """
 
 import argparse
@@ -20,18 +20,22 @@ from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl
 from pipeline.config import check_pipeline, load_pipelines
 from shards.errors import UserError, cli
 
-VARIANTS: dict[str, dict] = {
-    "no token labels": {"no-token-labels": True},
-    "token labels, Gumbel": {"target": "gumbel"},
-    "token labels, softmax": {"target": "softmax"},
-    "token labels, argmax": {"target": "argmax"},
-    "CutMix with mixed maps": {"mix": "cutmix"},
-    "MixToken": {"mix": "mixtoken"},
-    "TL-Align, paper form (CutMix)": {"no-token-labels": True, "mix": "cutmix", "tl-align": "paper"},
-    "TL-Align, dense form (CutMix)": {"mix": "cutmix", "tl-align": "dense"},
-    "patch 16 (4x4 tokens) on the 8x8 maps": {"patch-size": 16},
-}
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+def variants(labelers: list[str]) -> dict[str, dict]:
+    """Variant name -> the flags it adds ("labels": the labeler whose store it reads, default the first)."""
+    first = labelers[0]
+    return {
+        "no token labels": {"no-token-labels": True},
+        **{f"token labels from {name} (Gumbel)": {"labels": name} for name in labelers},
+        f"{first}, softmax targets": {"target": "softmax"},
+        f"{first}, argmax targets": {"target": "argmax"},
+        f"{first}, crop-level label as half the class target (--map-weight 0.5)": {"map-weight": 0.5},
+        f"{first}, CutMix with mixed maps": {"mix": "cutmix"},
+        f"{first}, MixToken": {"mix": "mixtoken"},
+        "TL-Align, paper form (CutMix, no token labels)": {"no-token-labels": True, "mix": "cutmix",
+                                                           "tl-align": "paper"},
+        f"{first}, TL-Align dense form (CutMix)": {"mix": "cutmix", "tl-align": "dense"},
+    }
 
 
 def slug(name: str) -> str:
@@ -45,11 +49,11 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def train(runner: Runner, out: Path, model: str, epochs: int, seed: int, flag_args: list[str], threads: int) -> None:
-    """One variant-seed run of train.student (resumed or reused when its folder already holds it)."""
+def train(store: Path, out: Path, model: str, epochs: int, seed: int, flag_args: list[str], threads: int) -> None:
+    """One variant-seed run of train.student on `store` (resumed, or reused when its folder already holds it)."""
     if (out / "eval.json").is_file():
         return
-    command = [sys.executable, "-m", "train.student", "--labels", str(runner.store), "--model", model,
+    command = [sys.executable, "-m", "train.student", "--labels", str(store), "--model", model,
                "--epochs", str(epochs), "--out", str(out), "--seed", str(seed), *flag_args]
     print("$ " + " ".join(command[1:]), flush=True)
     log = out.parent / f"{out.name}.log"
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--args", help="JSON of flags every variant shares (default: that student's args)")
     parser.add_argument("--corruptions", nargs="*", default=["gaussian_noise", "motion_blur", "fog", "contrast"])
     parser.add_argument("--variants", nargs="*", help="a subset of the variant names")
+    parser.add_argument("--name", default="", help="a suffix of the run folders and of the table's markers in "
+                                                   "--out, to keep apart tables made with other --args")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs torch threads")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
@@ -84,49 +90,61 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.file}: pipeline '{args.pipeline}' has no student with token labels to vary")
     model, epochs = args.model or student.model, args.epochs or student.epochs
     shared = json.loads(args.args) if args.args else student.args
+    table_variants = variants([labeler.name for labeler in pipeline.labelers])
     for name in args.variants or []:
-        if name not in VARIANTS:
-            raise UserError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    names = args.variants or list(VARIANTS)
+        if name not in table_variants:
+            raise UserError(f"--variants: unknown variant {name!r}; choose from {', '.join(table_variants)}")
+    names = args.variants or list(table_variants)
     runner = Runner(pipeline)
     runner.prepare()
-    labeler = read_jsonl(ROOT / pipeline.labeler.out / "metrics.jsonl")[-1]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    out = {(name, seed): runner.runs / "results" / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
+    folder = runner.runs / f"results{args.name}"
+    out = {(name, seed): folder / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
 
     def run(key: tuple[str, int]) -> None:
         name, seed = key
-        train(runner, out[key], model, epochs, seed, ["--final-corruptions", *args.corruptions, "--workers",
-                                                      "1" if args.jobs > 1 else "2", *flags({**shared, **VARIANTS[name]})],
-              threads)
+        variant = dict(table_variants[name])
+        labels = variant.pop("labels", None)
+        train(runner, runner.store(labels), out[key], model, epochs, seed,
+              ["--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
+               *flags({**shared, **variant})], threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, out))
     rows, seed_rows = [], []
+    quality = {lab.name: read_json(runner.runs / lab.name / "quality.json") for lab in pipeline.labelers}
     for name in names:
         results = []
         for seed in args.seeds:
             ev = read_json(out[name, seed] / "eval.json")
-            ev["time"] = sum(m["time"] for m in read_jsonl(out[name, seed] / "metrics.jsonl"))
+            epochs_run = read_jsonl(out[name, seed] / "metrics.jsonl")
+            ev["time"] = sum(m["time"] for m in epochs_run)
+            ev["first"] = epochs_run[0]["top1"]
             results.append(ev)
-        token = "-" if VARIANTS[name].get("no-token-labels") else f"{labeler['token_fg_acc']:.1f}"
-        rows.append(f"| {name} | {mean_spread([r['top1'] for r in results])} | "
-                    f"{mean_spread([r['top1_combined'] for r in results])} | "
-                    f"{mean_spread([r['corrupt_acc'] for r in results])} | {token} | "
+        variant = table_variants[name]
+        labels = "-" if variant.get("no-token-labels") else variant.get("labels", pipeline.labelers[0].name)
+        other = quality.get(labels, {}).get("label_other_acc")
+        rows.append(f"| {name} | {labels} | {'-' if other is None else f'{other:.1f}'} | "
+                    f"{mean_spread([r['top1'] for r in results])} | {mean_spread([r['top1_combined'] for r in results])}"
+                    f" | {mean_spread([r['corrupt_acc'] for r in results])} | {min(r['first'] for r in results):.1f} | "
                     f"{mean_spread([r['time'] for r in results])} |")
         seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")
     table = "\n".join([
         f"Student `{model}` {json.dumps(shared)}, {epochs} epochs, seeds {args.seeds}, {args.jobs} run(s) at a "
-        f"time; corruptions {', '.join(args.corruptions)} at severities 1, 3, 5. Labeler `{pipeline.labeler.model}` "
-        f"(val top-1 {labeler['top1']:.1f}). Command: `python -m pipeline.results --pipeline {args.pipeline} "
-        f"--seeds {' '.join(map(str, args.seeds))} --epochs {epochs} --jobs {args.jobs}`.", "",
-        "| variant | top-1 (class head) | top-1 (combined) | corrupted-val acc | labeler fg token acc | train s |",
-        "|---|---|---|---|---|---|", *rows, "", "Top-1 (class head) of each seed:", "",
+        f"time; corruptions {', '.join(args.corruptions)} at severities 1, 3, 5. Labelers: "
+        + ", ".join(f"{lab.name} (`{lab.model}`)" for lab in pipeline.labelers) + ". Command: "
+        f"`python -m pipeline.results --pipeline {args.pipeline} --seeds {' '.join(map(str, args.seeds))} "
+        f"--epochs {epochs} --jobs {args.jobs}`.", "",
+        "| variant | token labels from | their other-object cells right (%) | top-1 (class head) | top-1 (combined) "
+        "| corrupted-val acc | top-1 after epoch 1 (lowest seed) | train s |",
+        "|---|---|---|---|---|---|---|---|", *rows, "", "Top-1 (class head) of each seed:", "",
         "| variant | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " |",
         "|---|" + "---|" * len(args.seeds), *seed_rows])
-    text = args.out.read_text() if args.out.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN) if BEGIN in text else (text + "\n", END)
-    args.out.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    begin, end = f"<!-- results{args.name}:begin -->", f"<!-- results{args.name}:end -->"
+    text = args.out.read_text() if args.out.is_file() else "# Results\n"
+    text = text if begin in text else f"{text.rstrip()}\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin)
+    args.out.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
     print(table)
 
 

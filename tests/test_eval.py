@@ -13,7 +13,7 @@ from core.checkpoint import save_checkpoint
 from core.corruptions import mean_corruption_error
 from core.engine import evaluate
 from core.eval_data import EvalTransform
-from core.label_quality import token_accuracy
+from core.label_quality import LabelQuality, cell_truth, top1_confidence
 from shards.demo import build_demo
 from shards.errors import UserError
 from shards.reader import ShardReader
@@ -66,29 +66,32 @@ def by_hand(model: torch.nn.Module, root: Path, corruption: str | None = None, s
         pixels.append((x - MEAN) / STD)
     images = torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2)).float()
     labels = torch.tensor([s["cls"] for s in samples])
-    masks = torch.stack([torch.from_numpy(np.asarray(s["mask"], np.int64)) for s in samples])
     with torch.no_grad():
         cls, tokens, grid = model.forward_dense(images)
+    truth = torch.from_numpy(np.stack([cell_truth(np.asarray(s["mask"]), (0, 0, 64, 64), grid) for s in samples]))
     combined = cls + 0.5 * tokens.max(dim=1).values
     n = len(samples)
     return {"top1": 100.0 * int((cls.argmax(-1) == labels).sum()) / n,
             "top1_combined": 100.0 * int((combined.argmax(-1) == labels).sum()) / n,
             "disagree": int((cls.argmax(-1) != combined.argmax(-1)).sum()),
-            **token_accuracy(tokens, grid, masks, labels).rates()}
+            **LabelQuality.measure(*top1_confidence(tokens), truth, labels).rates()}
 
 
 def test_accuracies_match_the_model_run_by_hand(setup):
     root, ckpt = setup
     model, meta = load_model(ckpt)
-    assert meta == {"model": "fan_demo_tiny_p8", "num_classes": 10, "img_size": 64}
+    assert meta == {"kind": "student", "model": "fan_demo_tiny_p8", "num_classes": 10, "img_size": 64}
     clean, noisy = by_hand(model, root), by_hand(model, root, "gaussian_noise", 5)
     # preconditions: mixing up the scores or the passes would show
     assert clean["disagree"] > 0 and clean["top1"] != clean["top1_combined"] and clean["top1"] != noisy["top1"]
     for workers in (0, 2):  # batches of 6 straddle the clean and corrupted passes
         results = evaluate(model, root, 64, batch_size=6, workers=workers, corruptions=("gaussian_noise",),
                            severities=(5,))
-        for key in ("top1", "top1_combined", "token_fg_acc", "token_bg_acc", "token_distractor_acc"):
+        for key in ("top1", "top1_combined", "label_target_acc", "label_other_acc", "label_background_image_class",
+                    "label_cells"):
             assert results[key] == pytest.approx(clean[key], abs=1e-9), key
+        for key in ("label_object_confidence", "label_background_confidence"):  # float32 sums in other orders
+            assert results[key] == pytest.approx(clean[key], abs=1e-6), key
         assert results["corrupted"] == {"gaussian_noise/5": pytest.approx(noisy["top1"], abs=1e-9)}
         assert results["corrupt_acc"] == results["corrupted"]["gaussian_noise/5"]
     assert "corrupted" not in evaluate(model, root, 64, batch_size=6, workers=0, corruptions=())

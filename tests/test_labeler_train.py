@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from core.checkpoint import read_checkpoint
-from core.label_quality import TokenCounts, mask_token_targets, token_accuracy
 from labeler.train import LabelerRun, main, parse_args
 from shards.build import write_dataset
 from shards.demo import CLASSES, build_demo, demo_samples
@@ -49,7 +48,8 @@ def test_training_lowers_the_loss(shards, tmp_path):
     rows = _metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
-    for key in ("top1", "top1_pooled", "token_fg_acc", "token_bg_acc", "lr", "time"):
+    for key in ("top1", "top1_pooled", "label_target_acc", "label_other_acc", "label_background_image_class", "lr",
+                "time"):
         assert key in rows[-1]
 
 
@@ -101,7 +101,7 @@ def test_ddp_first_step_matches_one_process_on_the_global_batch(tmp_path):
         assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
     assert (ddp["world_size"], one["world_size"]) == (2, 1)
     assert ddp["train_samples"] == one["train_samples"] == 32
-    assert ddp["top1"] == one["top1"] and ddp["token_fg_acc"] == one["token_fg_acc"]  # 20 val images, 2 ranks
+    assert ddp["top1"] == one["top1"] and ddp["label_other_acc"] == one["label_other_acc"]  # 20 val images, 2 ranks
     initial = LabelerRun(parse_args([*flags, "--batch-size", "32", "--out", str(tmp_path / "init")])).model.state_dict()
     a, b = (read_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("ddp", "one"))
     for key in a:  # SGD: the update is linear in the gradient, so DDP's averaged gradient must match closely
@@ -128,26 +128,3 @@ def test_wrong_shard_path_is_one_line(tmp_path, capsys):
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: ") and message.count("\n") == 0 and "missing" in message
     assert not (tmp_path / "run").exists()
-
-
-def test_mask_token_targets_majority_rule():
-    # one 4x4 mask on a 2x2 grid: each token covers a 2x2 block of pixels
-    mask = torch.tensor([[[3, 3, 0, 1],
-                          [3, 0, 0, 0],
-                          [2, 2, 5, 5],
-                          [2, 5, 5, 0]]])
-    # top-left: 3 of 4 pixels are class 2 (mask value 3); top-right: 1 of 4 -> background;
-    # bottom-left: 3 pixels of class 1; bottom-right: 3 pixels of class 4
-    assert mask_token_targets(mask, (2, 2), num_classes=5).tolist() == [[2, -1, 1, 4]]
-
-
-def test_token_accuracy_counts():
-    mask = torch.tensor([[[3, 3, 0, 1], [3, 0, 0, 0], [2, 2, 5, 5], [2, 5, 5, 0]]])
-    logits = torch.zeros(1, 4, 5)
-    predicted = [2, 1, 1, 0]  # right, background labelled as the image class 1, right, wrong
-    logits[0, torch.arange(4), torch.tensor(predicted)] = 1.0
-    counts = token_accuracy(logits, (2, 2), mask, labels=torch.tensor([1]))
-    assert counts == TokenCounts(fg_correct=2, fg_total=3, bg_correct=1, bg_total=1,
-                                 distractor_correct=1, distractor_total=2)
-    assert (counts + counts).rates() == {"token_fg_acc": 200 / 3, "token_bg_acc": 100.0,
-                                         "token_distractor_acc": 50.0}

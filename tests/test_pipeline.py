@@ -1,5 +1,6 @@
 """pipelines.yaml: validation with one clear line, and the demo-quick pipeline end to end (skip and redo)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ def test_every_pipeline_of_the_file_validates():
     for pipeline in pipelines.values():
         check_pipeline(pipeline)
     imagenet = pipelines["imagenet"]
-    assert imagenet.labeler.model == "fan_small_12_p4_hybrid" and imagenet.dump.input_size == 288
-    assert imagenet.labeler.launcher == ["torchrun", "--nproc_per_node", "8"]
+    (labeler,) = imagenet.labelers
+    assert labeler.model == "fan_small_12_p4_hybrid" and labeler.dump.input_size == 288
+    assert labeler.launcher == ["torchrun", "--nproc_per_node", "8"]
     assert {s.model for s in imagenet.students} >= {"deit_small_patch16_224", "fan_small_12_p4_hybrid"}
 
 
@@ -30,8 +32,10 @@ def set_arg(student: dict, **args) -> None:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["demo"]["labeler"].update(epoch=3), r"pipelines.yaml:demo.labeler.epoch: unknown key"),
-    (lambda d: d["demo"]["labeler"].update(epochs="many"), r"demo.labeler.epochs: expected int, got str 'many'"),
+    (lambda d: d["demo"]["labelers"][0].update(epoch=3), r"pipelines.yaml:demo.labelers\[0\].epoch: unknown key"),
+    (lambda d: d["demo"]["labelers"][1].update(epochs="many"), r"labelers\[1\].epochs: expected int, got str 'many'"),
+    (lambda d: d["demo"]["students"][1].update(labels="oracle"), r"students\[1\].labels: 'oracle' is not a labeler"),
+    (lambda d: d["demo"]["students"][1].update(name="cnn"), r"demo: labeler and student names must be unique"),
     (lambda d: d["demo"]["students"][0].pop("model"), r"demo.students\[0\].model: missing required key"),
     (lambda d: set_arg(d["demo"]["students"][1], warmup=2), r"demo.students\[1\].args.warmup: not a flag"),
     (lambda d: set_arg(d["demo"]["students"][1], mix="blend"), r"students\[1\].args.mix: 'blend' is not one"),
@@ -56,7 +60,6 @@ def quick_file(tmp_path: Path, epochs: int = 1) -> Path:
     doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["demo-quick"]
     doc["runs"] = str(tmp_path / "runs")
     doc["dataset"]["out"] = str(tmp_path / "shards" / "quick")
-    doc["labeler"]["out"] = str(tmp_path / "runs" / "labeler")
     doc["students"][-1]["epochs"] = epochs
     path = tmp_path / "pipelines.yaml"
     path.write_text(yaml.safe_dump({"demo-quick": doc}))
@@ -74,25 +77,29 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
     path = quick_file(tmp_path)
     out = run(path)
     runs = tmp_path / "runs"
-    for name in ("baseline", "fan_p8", "fan_p16"):
+    for name in ("baseline", "cnn_labels", "fan_tl_p16"):
         assert (runs / name / "eval.json").is_file() and (runs / name / "last.pt").is_file()
-    assert len(list((runs / "pictures").glob("*.png"))) == 2
+    for labeler in ("cnn", "fan_tl"):
+        assert len(list((runs / "pictures" / labeler).glob("*.png"))) == 2
+        quality = json.loads((runs / labeler / "quality.json").read_text())
+        assert quality["label_cells"]["other"] > 0 and 0 <= quality["label_other_acc"] <= 100
     summary = (runs / "summary.md").read_text()
-    assert "| fan_p16 | fan_demo_tiny_p8 | yes |" in summary and "token_fg_acc" in summary
-    assert "== demo-quick: dump" in out
+    assert "| fan_tl_p16 | fan_demo_tiny_p8 | fan_tl |" in summary and "| baseline | fan_demo_tiny_p8 | no |" in summary
+    assert "| cnn | cnn_demo_s8 |" in summary and "other objects' cells right" in summary
+    assert "== demo-quick: dump-cnn" in out and "== demo-quick: quality-fan_tl" in out
 
     again = run(path)
     assert "== demo-quick:" not in again and again.count("skipped (up to date)") >= 8
 
-    quick_file(tmp_path, epochs=2)  # only the fan_p16 student and its evaluation change
+    quick_file(tmp_path, epochs=2)  # only the fan_tl_p16 student and its evaluation change
     changed = run(path)
-    assert "== demo-quick: student-fan_p16" in changed and "== demo-quick: eval-fan_p16" in changed
-    assert "== demo-quick: student-fan_p8" not in changed and "== demo-quick: dump" not in changed
+    assert "== demo-quick: student-fan_tl_p16" in changed and "== demo-quick: eval-fan_tl_p16" in changed
+    assert "== demo-quick: student-cnn_labels" not in changed and "== demo-quick: dump" not in changed
 
     # the results table on the same store: two variants x two seeds, mean and spread of each
     table = tmp_path / "results.md"
     result = subprocess.run([sys.executable, "-m", "pipeline.results", "--pipeline", "demo-quick", "--file", str(path),
-                             "--variants", "no token labels", "token labels, Gumbel", "--seeds", "0", "1",
+                             "--variants", "no token labels", "token labels from cnn (Gumbel)", "--seeds", "0", "1",
                              "--corruptions", "fog", "--jobs", "2", "--out", str(table)],
                             capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -100,5 +107,6 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
     rows, per_seed = [line for line in lines if "±" in line], [line for line in lines if "±" not in line]
     assert len(rows) == 2 and all(row.count("±") == 4 for row in rows)
     assert len(per_seed) == 2 and all(len(row.split("|")) == 5 for row in per_seed)  # a top-1 per seed
-    assert rows[0].split("|")[5].strip() == "-" and float(rows[1].split("|")[5]) > 0  # labeler fg accuracy
+    assert rows[0].split("|")[2].strip() == "-" and rows[1].split("|")[2].strip() == "cnn"
+    assert 0 <= float(rows[1].split("|")[3]) <= 100  # the cnn store's other-object cells right
     assert len(list((runs / "results").glob("*/seed1/eval.json"))) == 2

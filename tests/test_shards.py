@@ -171,19 +171,27 @@ def test_demo_masks_agree_with_digits(tmp_path: Path) -> None:
     build_demo(tmp_path / "demo", train=40, val=20, per_shard=16)
     manifest = load_manifest(tmp_path / "demo")
     assert manifest.count("train") == 40 and manifest.count("val") == 20 and manifest.has_masks
+    assert not manifest.hflip  # digits change under a mirror
     train_keys, val_keys = split_keys(tmp_path / "demo", "train"), split_keys(tmp_path / "demo", "val")
     assert not set(train_keys) & set(val_keys)
+    distractors = []
     for sample in ShardReader(tmp_path / "demo", "train"):
         image, mask = np.asarray(sample["image"], np.float32), np.asarray(sample["mask"])
         assert image.shape == (64, 64, 3)
         labels = set(np.unique(mask)) - {0}
-        assert sample["cls"] + 1 in labels and len(labels) >= 3  # target plus at least two distractors
+        assert sample["cls"] + 1 in labels and len(labels) <= 3  # the target and up to two distractors
+        distractors.append(len(labels) - 1)
         target = mask == sample["cls"] + 1
         rows, cols = np.nonzero(target)
-        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) / 64**2
-        assert 0.03 < box < 0.4
+        side = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+        assert 0.25 * 64 < side < 0.6 * 64
+        for other in labels - {sample["cls"] + 1}:  # every distractor is smaller than the target
+            rows, cols = np.nonzero(mask == other)
+            assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 < side
+        rows, cols = np.nonzero(target)
         inside_box = np.zeros_like(target)
         inside_box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
         background = inside_box & (mask == 0)
         # the digit's pixels stand out from the background around them: the mask marks the real strokes
         assert np.abs(image[target].mean(0) - image[background].mean(0)).max() > 20
+    assert np.mean(distractors) > 1.2  # one or two in nearly every image
