@@ -14,13 +14,13 @@ from labeler.losses import fan_tl_loss
 
 class FanTLObjective:
     """`objective(batch, epoch, step) -> (loss, parts)` for core.engine: Mixup/CutMix (timm's, drawn from the
-    step's seed) or smoothed one-hot targets; class-token CE plus CE of the mean per-patch logits."""
+    step's seed) or smoothed one-hot targets; class-token CE plus CE of the pooled per-patch logits."""
 
     def __init__(self, module: nn.Module, num_classes: int, *, smoothing: float, mixup: Mixup | None,
-                 cls_weight: float, dense_weight: float, device: torch.device, amp_dtype: torch.dtype | None,
-                 seed: int, rank: int):
+                 cls_weight: float, dense_weight: float, pool_share: float, device: torch.device,
+                 amp_dtype: torch.dtype | None, seed: int, rank: int):
         self.module, self.num_classes, self.smoothing, self.mixup = module, num_classes, smoothing, mixup
-        self.cls_weight, self.dense_weight = cls_weight, dense_weight
+        self.cls_weight, self.dense_weight, self.pool_share = cls_weight, dense_weight, pool_share
         self.device, self.amp_dtype, self.seed, self.rank = device, amp_dtype, seed, rank
 
     def __call__(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -34,4 +34,4 @@ class FanTLObjective:
         self.module.train()
         with autocast(self.device, self.amp_dtype):
             cls_logits, token_logits, _ = self.module(images)
-        return fan_tl_loss(cls_logits, token_logits, target, self.cls_weight, self.dense_weight)
+        return fan_tl_loss(cls_logits, token_logits, target, self.cls_weight, self.dense_weight, self.pool_share)

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)" + recipe_note("cutmix"))
     p.add_argument("--cls-weight", type=float, help="weight of the class-token CE (default: 1 for FAN; 0 for other "
                                                     "models, whose class logits are the pooled position logits)")
-    p.add_argument("--dense-weight", type=float, default=1.0, help="weight of the CE of the mean per-patch logits")
+    p.add_argument("--dense-weight", type=float, default=1.0, help="weight of the CE of the pooled per-patch logits")
+    p.add_argument("--pool-share", type=float, default=1.0, help="per class, pool the mean of this share of the "
+                                                                 "largest per-patch logits (1: STL's mean)")
     p.add_argument("--img-size", type=int, help="input side (default: the model's, 64 for demo models, else 224)")
     p.add_argument("--pretrained-file", type=Path, help="start from this local weights file (safetensors or a torch "
                                                         "state dict of the model); --epochs 0: no training")
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None and not (key == "lr_base" and args.lr is not None):
             setattr(args, key, value)
     check_training_args(args, allow_no_epochs=args.pretrained_file is not None)
+    if not 0 < args.pool_share <= 1:
+        raise UserError(f"--pool-share {args.pool_share}: must be in (0, 1]")
     return args
 
 
@@ -124,7 +128,8 @@ class LabelerRun(Trainer):
         mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.smoothing,
                       num_classes=num_classes) if mixing else None
         self.objective = FanTLObjective(self.module, num_classes, smoothing=a.smoothing, mixup=mixup,
-                                        cls_weight=a.cls_weight, dense_weight=a.dense_weight, device=self.device,
+                                        cls_weight=a.cls_weight, dense_weight=a.dense_weight,
+                                        pool_share=a.pool_share, device=self.device,
                                         amp_dtype=self.optim.amp_dtype, seed=a.seed, rank=self.rank)
 
     def finish(self) -> None:
