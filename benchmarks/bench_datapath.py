@@ -170,7 +170,7 @@ def breakdown_pass(root: Path, store: Path, geo: Geometry, batch: int, device: t
                 seed_all(0, 0, sample["index"])
                 tensor, mapping = transform(image)
             with clock("mapping (in augment)"):
-                transform.sample(image)
+                transform.draw(image)
             with clock("footprint"):
                 box = np.asarray(footprint_box(footprint, *image.size), np.float32)
             pending.append(({"image": tensor, "cls": sample["cls"], "index": sample["index"]},
