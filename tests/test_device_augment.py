@@ -252,7 +252,8 @@ def mixed(tmp_path: Path) -> Path:
 
 
 def test_mixed_formats_and_sizes_in_one_batch(mixed):
-    transform = LabelAwareTransform(48, auto_augment=None, color_jitter=0.4, re_prob=0.0)
+    # colour jitter's ops, and a filter drawn per sample: bilinear and bicubic in one batch
+    transform = LabelAwareTransform(48, auto_augment=None, color_jitter=0.4, re_prob=0.0, interpolation="random")
     for pil, device in both_modes(mixed, None, transform):
         assert torch.equal(pil["mapping"], device["mapping"])
         diff = (levels(pil["image"], transform) - levels(device["image"], transform)).abs()
