@@ -51,7 +51,7 @@ def resample_rows(batch: int, repeats: int) -> list[tuple[str, float]]:
         classes = classes.expand(batch, k, *map_hw).to(torch.int16)
         transform = LabelAwareTransform(size)
         img = Image.new("RGB", (300, 240))
-        mappings = torch.tensor(np.stack([transform.sample(img)[0] for _ in range(batch)]))
+        mappings = torch.tensor(np.stack([transform.draw(img).mapping for _ in range(batch)]))
         footprints = torch.tensor([30.0, 0.0, 270.0, 240.0])
         probs = densify(scores, classes, num_classes)
         name = f"K={num_classes} map {map_hw[0]}x{map_hw[1]} -> tokens {grid[0]}x{grid[1]}"

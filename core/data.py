@@ -21,12 +21,15 @@ class SeededTransform:
         self.transform, self.seed, self.epoch = transform, seed, 0
 
     def __call__(self, sample: dict[str, Any]) -> Any:
-        seed_all(self.seed, self.epoch, sample["index"])
+        seed_all(self.seed, self.epoch, sample["index"], cuda=False)
         return self.transform(sample)
 
 
 class TrainSplit(ShardReader):
-    """A shuffled split (default: train) whose samples go through `transform` seeded per sample."""
+    """A shuffled split (default: train) whose samples go through `transform` seeded per sample; `collate` is the
+    DataLoader's collate_fn for its batches (None: torch's default)."""
+
+    collate: Callable[[list[Any]], Any] | None = None
 
     def __init__(self, root: str | Path, transform: Callable[[dict[str, Any]], Any], *, seed: int = 0,
                  split: str = "train", **reader_kwargs):

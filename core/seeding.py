@@ -5,14 +5,25 @@ workers or ranks; a step's draws (mixing, Gumbel noise, drop-path) by (seed, epo
 independent noise for their local batches and nothing carries over from what ran before.
 """
 
+import random
+
 import numpy as np
+import torch
 from timm.utils import random_seed
 
 
-def seed_all(*parts: int) -> int:
-    """Seed Python's, NumPy's and torch's global RNGs from `parts` (timm's random_seed); returns the seed."""
+def seed_all(*parts: int, cuda: bool = True) -> int:
+    """Seed Python's, NumPy's and torch's global RNGs from `parts` (timm's random_seed); returns the seed.
+
+    cuda=False leaves torch's CUDA generators alone: what a data worker draws is on the CPU, and torch.manual_seed
+    costs a hundred times more (it records a stack trace for the CUDA seeding it defers until CUDA starts)."""
     seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-    random_seed(seed)
+    if cuda:
+        random_seed(seed)
+    else:
+        torch.random.default_generator.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
     return seed
 
 

@@ -16,12 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core.checkpoint import read_checkpoint, save_checkpoint
-from core.data import steps_per_epoch
+from core.data import TrainSplit, steps_per_epoch
 from core.distributed import barrier, leave_distributed, setup_distributed, training_module
 from core.engine import Objective, evaluate, train_one_epoch
 from core.optim import Optimization
 from core.resume import check_resumable, check_same_run, resume_point, rewrite_metrics, saved_args
-from shards.reader import ShardReader
 
 
 class Trainer:
@@ -44,7 +43,7 @@ class Trainer:
     def main_process(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model: nn.Module, data: ShardReader, *, model_name: str, num_classes: int, img_size: int,
+    def setup(self, model: nn.Module, data: TrainSplit, *, model_name: str, num_classes: int, img_size: int,
               model_kwargs: dict[str, Any] | None = None, find_unused: bool = False) -> None:
         """Steps per epoch, optimisation and the module DDP wraps, for `model` trained on `data`."""
         a = self.args
@@ -61,7 +60,7 @@ class Trainer:
         """This epoch's training batches; no more workers than this rank has shards (a worker reads whole shards)."""
         workers = min(self.args.workers, len(self.train_data.rank_shards()))
         return DataLoader(self.train_data, batch_size=self.args.batch_size, num_workers=workers, drop_last=True,
-                          pin_memory=self.device.type == "cuda")
+                          collate_fn=self.train_data.collate, pin_memory=self.device.type == "cuda")
 
     def resume(self) -> None:
         a = self.args

@@ -20,16 +20,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.io
 import zarr
 
 from core.eval_view import shifted
-from dump.render import fill_colour, labeler_input, normalise, render_boxes
+from dump.render import fill_colour, labeler_input, normalise, render_boxes, to_device
 from dump.store import footprint_box
 from labeler.load import load_labeler
 from shards.errors import UserError
 from shards.manifest import Manifest
-from shards.reader import IMAGE_KEYS, CorruptSample, SkipLog, decode_sample, read_shard, shard_keys
+from shards.reader import (
+    IMAGE_KEYS,
+    CorruptSample,
+    SkipLog,
+    corrupt_error,
+    decode_images,
+    decode_sample,
+    read_shard,
+    shard_keys,
+)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ("cpu", "device")  # where images are decoded and resampled: the batch's maker, or the labeler's device
@@ -235,40 +243,16 @@ class Labeler:
 
     def decode(self, encoded: list[torch.Tensor], batch: Batch) -> tuple[list[torch.Tensor], list[int], list[str]]:
         """Decode on the device (JPEGs all at once with nvJPEG on a GPU); an undecodable image raises or is skipped."""
-        rgb = torchvision.io.ImageReadMode.RGB
-        jpegs = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
-        images: dict[int, torch.Tensor] = {}
-        try:
-            if jpegs:
-                images.update(zip(jpegs, torchvision.io.decode_jpeg([encoded[i] for i in jpegs], mode=rgb,
-                                                                    device=self.device)))
-        except RuntimeError:
-            images.clear()  # one bad JPEG fails the whole call: decode one by one below to find it
-        keep, skipped = [], []
-        for i, data in enumerate(encoded):
-            if i not in images:
-                try:
-                    images[i] = torchvision.io.decode_image(data, mode=rgb).to(self.device)
-                except RuntimeError as e:
-                    key = batch.keys[i]
-                    if self.job.on_error == "raise":
-                        shard = self.job.manifest.root / self.job.shard(batch.position)[0]
-                        raise UserError(f"{shard}: {key}: cannot decode its image ({type(e).__name__}); "
-                                        f"rebuild the shard or use the skip policy") from None
-                    skipped.append(f"{key}: cannot decode its image ({type(e).__name__})")
-                    continue
+        decoded, keep, skipped = decode_images(encoded, self.device), [], []
+        for i, image in enumerate(decoded):
+            if isinstance(image, str):
+                if self.job.on_error == "raise":
+                    shard = self.job.manifest.root / self.job.shard(batch.position)[0]
+                    raise corrupt_error(shard, batch.keys[i], image)
+                skipped.append(f"{batch.keys[i]}: {image}")
+                continue
             keep.append(i)
-        return [images[i] for i in keep], keep, skipped
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A uint8 host array (maybe read-only, from Ray's object store) on the device: on a GPU through pinned memory
-    and a non-blocking copy."""
-    if device.type != "cuda":
-        return torch.from_numpy(np.require(array, requirements="W"))
-    pinned = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
-    pinned.numpy()[...] = array
-    return pinned.to(device, non_blocking=True)
+        return [decoded[i] for i in keep], keep, skipped
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+import torchvision
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
@@ -39,11 +41,17 @@ class CorruptSample(Exception):
     """A tar member that cannot be decoded; the message says which member and why."""
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Decode one grouped tar sample into key, RGB image, class and (optional) mask."""
+def _image_key(raw: dict[str, Any]) -> str:
+    """The extension of the sample's image member; refuses a sample without an image or a class."""
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None or "cls" not in raw:
         raise CorruptSample("sample lacks an image (.jpg/.jpeg/.png) or a .cls member")
+    return image_key
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode one grouped tar sample into key, RGB image, class and (optional) mask."""
+    image_key = _image_key(raw)
     try:
         image = Image.open(io.BytesIO(raw[image_key])).convert("RGB")
         mask = Image.open(io.BytesIO(raw["mask.png"])) if "mask.png" in raw else None
@@ -53,6 +61,49 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError, SyntaxError) as e:
         raise CorruptSample(f"cannot decode its .{image_key}, .cls or .mask.png ({type(e).__name__})") from e
     return {"key": raw["__key__"], "image": image, "cls": cls, "mask": mask}
+
+
+def open_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """`decode_sample` for a device that decodes JPEGs itself: a JPEG in RGB or greyscale is only opened (its
+    header read: size and mode) and keeps its bytes under "jpeg"; any other image (PNG, CMYK JPEG, ...) is
+    decoded here as decode_sample does ("jpeg" None). No mask is read."""
+    image_key = _image_key(raw)
+    try:
+        image = Image.open(io.BytesIO(raw[image_key]))
+        jpeg = raw[image_key] if image.format == "JPEG" and image.mode in ("RGB", "L") else None
+        if jpeg is None:
+            image = image.convert("RGB")
+        cls = int(raw["cls"])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CorruptSample(f"cannot decode its .{image_key} or .cls ({type(e).__name__})") from e
+    return {"key": raw["__key__"], "image": image, "jpeg": jpeg, "cls": cls, "mask": None}
+
+
+def corrupt_error(shard: str | Path, key: str, reason: str) -> UserError:
+    """The one-line refusal of a sample that does not decode, under on_error="raise"."""
+    return UserError(f"{shard}: {key}: {reason}; rebuild the shard or use the skip policy")
+
+
+def decode_images(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """Image files (uint8 CPU tensors of their bytes) decoded to uint8 RGB [3, H, W] on `device`, or for each
+    that does not decode the reason. JPEGs go through torchvision.io.decode_jpeg all at once (nvJPEG on a GPU);
+    when one of them fails the call, and for other formats, each is decoded alone on the CPU."""
+    rgb = torchvision.io.ImageReadMode.RGB
+    jpegs = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
+    images: dict[int, torch.Tensor | str] = {}
+    try:
+        if jpegs:
+            decoded = torchvision.io.decode_jpeg([encoded[i] for i in jpegs], mode=rgb, device=device)
+            images.update(zip(jpegs, decoded))
+    except RuntimeError:
+        images.clear()  # one bad JPEG fails the whole call: decode one by one below to find it
+    for i, data in enumerate(encoded):
+        if i not in images:
+            try:
+                images[i] = torchvision.io.decode_image(data, mode=rgb).to(device)
+            except RuntimeError as e:
+                images[i] = f"cannot decode its image ({type(e).__name__})"
+    return [images[i] for i in range(len(encoded))]
 
 
 def read_shard(root: str | Path, split: str, filename: str, on_error: str = "raise",
@@ -87,7 +138,7 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
                     sample = decode(raw)
                 except CorruptSample as e:
                     if on_error == "raise":
-                        raise UserError(f"{path}: {last_key}: {e}; rebuild the shard or use the skip policy") from e
+                        raise corrupt_error(path, last_key, str(e)) from e
                     skips.add(str(path), last_key, str(e))
                     continue
                 sample["index"] = index
@@ -119,17 +170,19 @@ class ShardReader(IterableDataset):
     take every num_workers-th of those. `len()` is this rank's exact sample count for the epoch. rank and
     world_size default to torch.distributed's. `annotate` sees every sample in shard order, before the shuffle
     buffer (where per-shard side data, such as a label store's chunk, is cheapest to join); `transform` runs
-    after it, in the worker.
+    after it, in the worker. `decode` turns each grouped tar sample into the sample (decode_sample, or open_sample
+    where the training device decodes the JPEGs).
     """
 
     def __init__(self, root: str | Path, split: str, *, shuffle: bool = False, seed: int = 0, buffer: int = 512,
                  annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  transform: Callable[[dict[str, Any]], Any] | None = None, on_error: str = "raise",
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None,
+                 decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample):
         self.manifest = load_manifest(root)
         self.rank, self.world_size = rank, world_size
         self.split, self.shuffle, self.seed, self.buffer = split, shuffle, seed, buffer
-        self.annotate, self.transform, self.on_error = annotate, transform, on_error
+        self.annotate, self.transform, self.on_error, self.decode = annotate, transform, on_error, decode
         self.epoch = 0
         self.skips = SkipLog()
         self.manifest.split(split)  # fail now, naming the split, rather than in a worker
@@ -158,7 +211,7 @@ class ShardReader(IterableDataset):
         mine = self.rank_shards()[worker::workers]
         samples = (sample for name, _ in mine
                    for sample in read_shard(self.manifest.root, self.split, name, self.on_error, self.skips,
-                                            self.manifest))
+                                            self.manifest, self.decode))
         if self.annotate:
             samples = map(self.annotate, samples)
         if self.shuffle:

@@ -23,3 +23,35 @@ def demo_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "demo"
     build_demo(root, train=20, val=4, per_shard=6)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the machine's cores are shared), restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lvvit_store():
+    """make(root, maps, input_size) -> a label store for the train split of the shards at root, imported from LV-ViT
+    files; maps(row, key) gives each file's [2, k, H, W] array."""
+    import torch
+
+    from dump.lvvit import import_lvvit
+    from shards.reader import split_keys
+
+    def make(root, maps, input_size):
+        files = root.parent / f"{root.name}-lvvit"
+        for row, key in enumerate(split_keys(root, "train")):
+            (files / key).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(torch.from_numpy(maps(row, key).astype("float16")), files / f"{key}.pt")
+        store = root / "labels" / "maps.zarr"
+        import_lvvit(files, store, root, input_size=input_size)
+        return store
+
+    return make

@@ -11,7 +11,7 @@ from timm.data import create_transform
 from timm.data.auto_augment import NAME_TO_OP, AugmentOp, rand_augment_transform
 
 from core.posterize import safe_posterize
-from train.augment import GEOMETRIC_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
+from train.augment import GEOMETRIC_OPS, PIL_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
 from train.geometry import (
     cell_taps,
     crop_mapping,
@@ -74,7 +74,7 @@ def transform_mappings(image_wh: tuple[int, int], size: int, n: int, seed: int) 
     seed_all(seed)
     t = geometric_only(LabelAwareTransform(size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0))
     img = Image.new("RGB", image_wh)
-    return [t.sample(img)[0] for _ in range(n)]
+    return [t.draw(img).mapping for _ in range(n)]
 
 
 def expected_cells(mapping: np.ndarray, footprint: np.ndarray, map_hw: tuple[int, int], size: int,
@@ -399,24 +399,25 @@ def test_random_erasing_and_colour_ops_leave_the_mapping_alone():
         assert np.array_equal(m0, m1)
         differs += not torch.equal(x0, x1)
     assert differs == 8
-    # the mapping is drawn before any photometric op runs: sample() alone gives the same one
+    # every draw comes before any pixel work: draw() alone gives the same mapping, and the ops it records are
+    # photometric ones only
     seed_all(9)
-    mapping, photometric = plain.sample(img)
-    assert all(op.name not in GEOMETRIC_OPS for op in photometric)
+    draw = plain.draw(img)
+    assert all(name not in GEOMETRIC_OPS for name, _ in draw.ops)
     seed_all(9)
-    assert np.array_equal(plain(img)[1], mapping)
+    assert np.array_equal(plain(img)[1], draw.mapping)
 
 
 def test_posterize_at_full_magnitude_blackens_instead_of_raising():
-    t = LabelAwareTransform(16, auto_augment="rand-m10-inc1")
-    op = next(op for op in t.augment.ops if op.name == "PosterizeIncreasing")
-    op.prob = 1.0
     img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (16, 16, 3), dtype=np.uint8))
-    assert not np.asarray(op(img)).any()  # 4 - int(10 / 10 * 4) = 0 bits kept
-    half = next(op for op in LabelAwareTransform(16, auto_augment="rand-m5-inc1").augment.ops
-                if op.name == "PosterizeIncreasing")
-    half.prob = 1.0
-    assert np.array_equal(np.asarray(half(img)), np.asarray(img) & 0xC0)  # 4 - int(5 / 10 * 4) = 2 bits
+    # 4 - int(10 / 10 * 4) = 0 bits kept: black; 4 - int(5 / 10 * 4) = 2 bits
+    for config, bits, mask in (("rand-m10-inc1", 0, 0x00), ("rand-m5-inc1", 2, 0xC0)):
+        op = next(op for op in LabelAwareTransform(16, auto_augment=config).augment.ops
+                  if op.name == "PosterizeIncreasing")
+        op.prob = 1.0
+        (name, args), = op(_Canvas(16, np.eye(3))).ops  # the student transform records the op as drawn
+        assert args == (bits,)
+        assert np.array_equal(np.asarray(PIL_OPS[name](img, *args)), np.asarray(img) & mask)
     # the labeler's timm transform takes the same fix
     plain = safe_posterize(create_transform(16, is_training=True, auto_augment="rand-m10-inc1"))
     op = next(op for t in plain.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing")

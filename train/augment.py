@@ -5,7 +5,10 @@ from a config string such as "rand-m9-mstd0.5-inc1"). The geometric RandAugment 
 TranslateX/Y, TranslateX/YRel) act on the output canvas and are folded into the mapping instead of warping
 pixels; the image is then rendered once from the original with the whole mapping (train.geometry.warp_image),
 and the photometric ops run on that warped image, in their drawn order. Then ToTensor, Normalize and timm's
-RandomErasing, none of which moves a pixel. Two deliberate differences from timm's chain of separate warps:
+RandomErasing, none of which moves a pixel. Every random draw of a sample (`LabelAwareTransform.draw`: the mapping,
+the filter, the photometric ops with their arguments, the erased boxes) comes before any pixel work, in the same
+order as the chain draws them, so the same draw can be rendered by PIL in a DataLoader worker (`render`) or on the
+training device (train.device_augment). Two deliberate differences from timm's chain of separate warps:
 rotations and shears turn about the canvas centre (timm shears about the top-left corner, which also shifts
 the image), and where they bring in image content from outside the crop window the real content shows
 (like LV-ViT, whose RandAugment runs before its crop); only points outside the original image get the fill.
@@ -14,21 +17,23 @@ Each transform returns (image tensor [3, S, S], mapping float32 [3, 3]); see tra
 convention and train.geometry.resample_maps for turning it into per-token labels in the training step.
 """
 
+import math
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import NAME_TO_OP, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, to_tensor
 
 from core.eval_view import centre_box, centre_view, check_crop_pct
-from core.posterize import safe_posterize
+from core.posterize import POSTERIZE_OPS, posterize
 from shards.errors import UserError
 from train.geometry import (
     crop_mapping,
@@ -43,14 +48,29 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 
 
 @dataclass(frozen=True)
+class Draw:
+    """One sample's drawn augmentation, everything but the erasing noise: rendering it is deterministic."""
+
+    mapping: np.ndarray                    # float32 [3, 3]: output pixel -> original image (train.geometry)
+    resample: int                          # the PIL filter the image is warped with
+    ops: tuple[tuple[str, tuple], ...]     # photometric ops (timm names) with their arguments, in running order
+    erase: tuple[tuple[int, int, int, int], ...]  # random erasing's boxes (top, left, height, width), in order
+
+
+@dataclass(frozen=True)
 class _Canvas:
-    """Stands in for the image while RandAugment's geometric ops run: the mapping so far, on an S x S canvas."""
+    """Stands in for the image while RandAugment's ops run: the mapping so far on an S x S canvas, and the
+    photometric ops applied so far with their drawn arguments."""
 
     size: int
     mapping: np.ndarray
+    ops: tuple[tuple[str, tuple], ...] = ()
 
     def then(self, op: np.ndarray) -> "_Canvas":
-        return _Canvas(self.size, self.mapping @ op)
+        return _Canvas(self.size, self.mapping @ op, self.ops)
+
+    def paint(self, name: str, args: tuple) -> "_Canvas":
+        return _Canvas(self.size, self.mapping, self.ops + ((name, args),))
 
 
 def _rotate(canvas: _Canvas, degrees: float, **_) -> _Canvas:
@@ -93,9 +113,40 @@ GEOMETRIC_OPS = {
 }
 
 
+def _record(canvas: _Canvas, *args, name: str, **_) -> _Canvas:
+    """A photometric op as RandAugment drew it (it passed its probability; its arguments from the drawn magnitude)."""
+    return canvas.paint(name, args)
+
+
+# timm's PIL function of every photometric op (posterize made safe at 0 bits)
+PIL_OPS = {**NAME_TO_OP, **dict.fromkeys(POSTERIZE_OPS, posterize)}
+# ColorJitter's ops by its fn_idx (brightness, contrast, saturation; hue is off), as the same PIL enhancements
+JITTER_OPS = ("Brightness", "Contrast", "Color")
+FILTERS = {Image.Resampling.NEAREST: "nearest", Image.Resampling.BILINEAR: "bilinear",
+           Image.Resampling.BICUBIC: "bicubic"}
+
+
 def _fill(mean: tuple[float, ...]) -> tuple[int, ...]:
     """The mean colour as 8-bit RGB, timm's fill for pixels outside the image."""
     return tuple(min(255, round(255 * m)) for m in mean)
+
+
+def _erase_boxes(erase: RandomErasing, height: int, width: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The boxes (top, left, height, width) timm's RandomErasing erases in a height x width image, drawn exactly as
+    it draws them (Python's random); the noise that fills them is drawn where they are applied."""
+    if random.random() > erase.probability:
+        return ()
+    count = erase.min_count if erase.min_count == erase.max_count else random.randint(erase.min_count, erase.max_count)
+    boxes = []
+    for _ in range(count):
+        for _ in range(10):
+            area = random.uniform(erase.min_area, erase.max_area) * height * width / count
+            aspect = math.exp(random.uniform(*erase.log_aspect_ratio))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                boxes.append((random.randint(0, height - h), random.randint(0, width - w), h, w))
+                break
+    return tuple(boxes)
 
 
 def _pil_resample(interpolation: str) -> int | tuple[int, int]:
@@ -108,8 +159,8 @@ def _pil_resample(interpolation: str) -> int | tuple[int, int]:
 
 
 def _label_aware_rand_augment(config: str, img_size: int, fill: tuple[int, ...], interpolation: str):
-    """timm's RandAugment for `config`, with its geometric ops rerouted to act on a _Canvas (and posterize made
-    safe at 0 bits)."""
+    """timm's RandAugment for `config`, its ops acting on a _Canvas: the geometric ones on its mapping, the
+    photometric ones recorded with their drawn arguments."""
     if not config.startswith("rand"):
         raise UserError(f"auto_augment {config!r}: only RandAugment configs ('rand-...') are label-aware; "
                         "use e.g. 'rand-m9-mstd0.5-inc1' or none")
@@ -121,9 +172,8 @@ def _label_aware_rand_augment(config: str, img_size: int, fill: tuple[int, ...],
     except (AssertionError, ValueError, KeyError) as e:
         raise UserError(f"auto_augment {config!r} is not a valid timm RandAugment config ({e!r})") from None
     for op in augment.ops:
-        if op.name in GEOMETRIC_OPS:
-            op.aug_fn = GEOMETRIC_OPS[op.name]
-    return safe_posterize(augment)
+        op.aug_fn = GEOMETRIC_OPS[op.name] if op.name in GEOMETRIC_OPS else partial(_record, name=op.name)
+    return augment
 
 
 class LabelAwareTransform:
@@ -149,8 +199,9 @@ class LabelAwareTransform:
         self.color_jitter = ColorJitter(*(color_jitter,) * 3) if color_jitter and not auto_augment else None
         self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device="cpu") if re_prob > 0 else None
 
-    def sample(self, img: Image.Image) -> tuple[np.ndarray, list]:
-        """Draw the spatial ops as one mapping (float32 [3, 3]) and the photometric RandAugment ops to run after."""
+    def draw(self, img: Image.Image) -> Draw:
+        """Every random draw of the sample, in the chain's order; only the image's size is read (it may be opened
+        without decoding)."""
         top, left, height, width = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
         canvas = _Canvas(self.img_size, crop_mapping(left, top, width, height, self.img_size))
         if random.random() < self.hflip:
@@ -164,21 +215,43 @@ class LabelAwareTransform:
                     canvas = op(canvas)
                 else:
                     photometric.append(op)
-        return canvas.mapping.astype(np.float32), photometric
+        resample = random.choice(self.resample) if isinstance(self.resample, tuple) else self.resample
+        for op in photometric:  # drawn after the whole mapping, as the chain draws them when it runs them
+            canvas = op(canvas)
+        if self.color_jitter is not None:
+            jitter = self.color_jitter
+            order, *factors = ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, None)
+            for fn in order.tolist():
+                if fn < len(JITTER_OPS) and factors[fn] is not None:
+                    canvas = canvas.paint(JITTER_OPS[fn], (factors[fn],))
+        erase = _erase_boxes(self.erase, self.img_size, self.img_size) if self.erase is not None else ()
+        return Draw(canvas.mapping.astype(np.float32), resample, canvas.ops, erase)
+
+    def render(self, img: Image.Image, draw: Draw) -> torch.Tensor:
+        """The drawn view of an RGB image with PIL: warp, photometric ops, ToTensor, Normalize, erasing (its noise
+        from torch's global RNG, as timm's)."""
+        out = warp_image(img, draw.mapping, self.img_size, draw.resample, self.fill)
+        for name, args in draw.ops:
+            out = PIL_OPS[name](out, *args)
+        x = normalize(to_tensor(out), self.mean, self.std)
+        for top, left, h, w in draw.erase:
+            x[:, top:top + h, left:left + w] = self.erase_noise((3, h, w))
+        return x
+
+    def erase_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """What random erasing writes into a [..., 3, h, w] region: per-pixel normal noise ("pixel"), one normal
+        colour per box ("rand") or zeros ("const"), as timm's RandomErasing."""
+        if self.erase.per_pixel:
+            return torch.randn(shape, generator=generator, device=device)
+        if self.erase.rand_color:
+            return torch.randn((*shape[:-2], 1, 1), generator=generator, device=device)
+        return torch.zeros((*shape[:-2], 1, 1), device=device)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
         img = img if img.mode == "RGB" else img.convert("RGB")
-        mapping, photometric = self.sample(img)
-        resample = random.choice(self.resample) if isinstance(self.resample, tuple) else self.resample
-        out = warp_image(img, mapping, self.img_size, resample, self.fill)
-        for op in photometric:
-            out = op(out)
-        if self.color_jitter is not None:
-            out = self.color_jitter(out)
-        x = normalize(to_tensor(out), self.mean, self.std)
-        if self.erase is not None:
-            x = self.erase(x)
-        return x, mapping
+        draw = self.draw(img)
+        return self.render(img, draw), draw.mapping
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio}, "

@@ -2,8 +2,10 @@
 
 In the DataLoader workers each sample gets its row of the store (joined by its row index, one whole tar-shard
 chunk read per shard) and its augmented image with the one mapping (output pixel -> original image) that its
-spatial transforms compose to. On the training device, `token_label_targets` resamples the stored top-k maps
-through each mapping onto the student's token grid and draws the token targets, batched.
+spatial transforms compose to: rendered there with PIL (augment_on="workers"), or only drawn there and rendered
+on the training device (augment_on="device", train.device_augment). On the training device, `token_label_targets`
+resamples the stored top-k maps through each mapping onto the student's token grid and draws the token targets,
+batched.
 Augmentation is seeded per (seed, epoch, sample row) (core.data.TrainSplit), so a sample looks the same
 whatever the number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
 """
@@ -21,7 +23,9 @@ from core.data import TrainSplit
 from dump.store import LabelStore, check_matches, footprint_box, open_store, store_shards
 from shards.errors import UserError
 from shards.manifest import MANIFEST, load_manifest
+from shards.reader import decode_sample, open_sample
 from train.augment import LabelAwareTransform
+from train.device_augment import DeviceAugment, collate, encoded_sample
 from train.geometry import warp_image
 from train.targets import HardTokens, stored_token_targets
 
@@ -71,38 +75,66 @@ class StoreJoin:
 
 
 class StudentSample:
-    """Worker-side transform: augmented image, its mapping, the footprint of its map, and the stored row."""
+    """Worker-side transform: augmented image (or, on_device, what the device needs to render it: see
+    train.device_augment), its mapping, the footprint of its map, and the stored row."""
 
     def __init__(self, transform: LabelAwareTransform, footprint: dict[str, Any] | None,
-                 clean_size: int | None = None):
-        self.transform, self.footprint = transform, footprint
+                 clean_size: int | None = None, on_device: bool = False):
+        self.transform, self.footprint, self.on_device = transform, footprint, on_device
         self.clean_size = clean_size  # online-teacher mode: also the clean view through the same mapping
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, mapping = self.transform(sample["image"])
-        out = {"image": image, "cls": sample["cls"], "index": sample["index"], "mapping": mapping}
+        if self.on_device:
+            out = encoded_sample(self.transform, sample)
+        else:
+            image, mapping = self.transform(sample["image"])
+            out = {"image": image, "mapping": mapping}
+            if self.clean_size is not None:
+                out["clean"] = clean_view(sample["image"], mapping, self.transform.img_size, self.clean_size,
+                                          self.transform)
+        out |= {"cls": sample["cls"], "index": sample["index"]}
         if self.footprint is not None:
             out["footprint"] = np.asarray(footprint_box(self.footprint, *sample["image"].size), np.float32)
             out["scores"], out["classes"] = sample["scores"], sample["classes"]
-        if self.clean_size is not None:
-            out["clean"] = clean_view(sample["image"], mapping, self.transform.img_size, self.clean_size,
-                                      self.transform)
         return out
 
 
+AUGMENT_ON = ("workers", "device")
+
+
 class StudentData(TrainSplit):
-    """Training split of a dataset for a student: shards joined with a label store (or none, for baselines)."""
+    """Training split of a dataset for a student: shards joined with a label store (or none, for baselines).
+
+    augment_on="device": the workers only draw each sample's augmentation (train.device_augment); batches need
+    `collate` (set here) and then `device_stage(device)` on the training device.
+    """
 
     def __init__(self, shards: str | Path, store: Path | None, transform: LabelAwareTransform, *, seed: int = 0,
-                 clean_size: int | None = None, split: str = "train", **reader_kwargs):
+                 clean_size: int | None = None, split: str = "train", augment_on: str = "workers", **reader_kwargs):
+        if augment_on not in AUGMENT_ON:
+            raise UserError(f"--augment-on {augment_on}: use one of {', '.join(AUGMENT_ON)}")
         manifest = load_manifest(shards)
         self.store = None
         if store is not None:
             self.store = open_store(store)
             check_matches(self.store, manifest, split)
         annotate = StoreJoin(self.store, manifest.offsets(split)) if self.store else None
-        sample = StudentSample(transform, self.store.footprint if self.store else None, clean_size)
-        super().__init__(shards, sample, seed=seed, split=split, annotate=annotate, **reader_kwargs)
+        on_device = augment_on == "device"
+        sample = StudentSample(transform, self.store.footprint if self.store else None, clean_size, on_device)
+        super().__init__(shards, sample, seed=seed, split=split, annotate=annotate,
+                         decode=open_sample if on_device else decode_sample, **reader_kwargs)
+        self.collate = collate if on_device else None
+        self.view, self.clean_size = transform, clean_size
+
+    def shard_of(self, row: int) -> Path:
+        """The tar shard holding the split's row."""
+        offsets = self.manifest.offsets(self.split)
+        return self.manifest.root / self.manifest.shards(self.split)[bisect.bisect_right(offsets, row) - 1][0]
+
+    def device_stage(self, device: str | torch.device) -> DeviceAugment:
+        """The training device's half of augment_on="device"."""
+        return DeviceAugment(self.view, torch.device(device), self.shard_of, clean_size=self.clean_size,
+                             on_error=self.on_error)
 
 
 def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_size: int, grid: tuple[int, int], *,

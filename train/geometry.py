@@ -11,12 +11,15 @@ footprint lies in exactly one cell.
 """
 
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dump.render import SUPPORT, resample_image, resample_weights, to_device, vertical_first
 from shards.errors import UserError
 
 RESAMPLE_MODES = ("nearest", "bilinear")
@@ -87,6 +90,40 @@ def _preimage_box(mapping: np.ndarray, out_w: int, out_h: int) -> tuple[float, f
     return corners[0].min(), corners[1].min(), corners[0].max(), corners[1].max()
 
 
+def _resize_box(m: np.ndarray, width: int, height: int, out_w: int, out_h: int
+                ) -> tuple[float, float, float, float] | None:
+    """The source box of an axis-aligned mapping that stays inside the image (RandomResizedCrop, flips): rendering
+    it is one antialiased resize of that box, as timm does it. None for any other mapping."""
+    x0, y0, x1, y1 = _preimage_box(m, out_w, out_h)
+    tol = 1e-3
+    if m[0, 1] == 0 and m[1, 0] == 0 and x0 > -tol and y0 > -tol and x1 < width + tol and y1 < height + tol:
+        return max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)
+    return None
+
+
+def _shrink(m: np.ndarray) -> tuple[float, float]:
+    """Source pixels per output pixel along the source's x and y axes; > 1 means the mapping shrinks the image."""
+    inv = np.linalg.inv(m[:2, :2])
+    return 1 / np.hypot(inv[0, 0], inv[1, 0]), 1 / np.hypot(inv[0, 1], inv[1, 1])
+
+
+def _warp_region(m: np.ndarray, width: int, height: int, out_w: int, out_h: int, min_margin: float = 0.0
+                 ) -> tuple[tuple[int, int, int, int], tuple[int, int], np.ndarray] | None:
+    """What an affine warp reads: the integer region (x0, y0, x1, y1) of the image around the mapping's preimage
+    (with a margin for the interpolation kernel, clipped to the image), the (height, width) to resize it to first
+    (antialiased, so that the warp itself shrinks by at most 1 along each source axis), and the mapping from output
+    pixels to pixels of that resized region. None when the output shows nothing of the image."""
+    shrink_x, shrink_y = _shrink(m)
+    margin = max(3 * max(shrink_x, shrink_y), min_margin)  # room for the warp's interpolation kernel
+    x0, y0, x1, y1 = _preimage_box(m, out_w, out_h)
+    bx0, by0 = max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin))
+    bx1, by1 = min(width, math.ceil(x1 + margin)), min(height, math.ceil(y1 + margin))
+    if bx1 <= bx0 or by1 <= by0:
+        return None
+    rh, rw = math.ceil((by1 - by0) / max(shrink_y, 1.0)), math.ceil((bx1 - bx0) / max(shrink_x, 1.0))
+    return (bx0, by0, bx1, by1), (rh, rw), np.linalg.inv(crop_mapping(bx0, by0, bx1 - bx0, by1 - by0, (rh, rw))) @ m
+
+
 def warp_image(img: Image.Image, mapping: np.ndarray, size: int | tuple[int, int], resample: int,
                fill: tuple[int, ...]) -> Image.Image:
     """Render the output whose point (x, y) shows `img` at mapping @ (x, y, 1); outside `img` shows `fill`.
@@ -95,36 +132,124 @@ def warp_image(img: Image.Image, mapping: np.ndarray, size: int | tuple[int, int
     tests/test_geometry.py), so the rendered image realises the mapping exactly. An axis-aligned mapping inside
     the image (RandomResizedCrop, flips) is one antialiased resize, as timm does it; any other mapping is one
     affine warp, preceded, when it shrinks the image, by an antialiased resize of the region it reads, so that
-    downscaling does not alias.
+    downscaling does not alias. `warp_images` does the same for a batch of tensors on any device.
     """
     out_h, out_w = _pair(size)
     m = np.asarray(mapping, dtype=np.float64)
-    width, height = img.size
-    x0, y0, x1, y1 = _preimage_box(m, out_w, out_h)
-    tol = 1e-3
-    if m[0, 1] == 0 and m[1, 0] == 0 and x0 > -tol and y0 > -tol and x1 < width + tol and y1 < height + tol:
-        box = (max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height))
+    box = _resize_box(m, *img.size, out_w, out_h)
+    if box is not None:
         out = img.resize((out_w, out_h), resample, box=box)
         if m[0, 0] < 0:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if m[1, 1] < 0:
             out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
         return out
-    inv = np.linalg.inv(m[:2, :2])
-    # source pixels per output pixel along the source's x and y axes; > 1 means the warp shrinks the image
-    shrink_x, shrink_y = 1 / np.hypot(inv[0, 0], inv[1, 0]), 1 / np.hypot(inv[0, 1], inv[1, 1])
-    if max(shrink_x, shrink_y) > 1:
-        margin = 3 * max(shrink_x, shrink_y)  # room for the warp's interpolation kernel
-        bx0, by0 = max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin))
-        bx1, by1 = min(width, math.ceil(x1 + margin)), min(height, math.ceil(y1 + margin))
-        if bx1 <= bx0 or by1 <= by0:
+    if max(_shrink(m)) > 1:
+        region = _warp_region(m, *img.size, out_w, out_h)
+        if region is None:
             return Image.new(img.mode, (out_w, out_h), fill)
-        rw = math.ceil((bx1 - bx0) / max(shrink_x, 1.0))
-        rh = math.ceil((by1 - by0) / max(shrink_y, 1.0))
+        (bx0, by0, bx1, by1), (rh, rw), m = region
         img = img.resize((rw, rh), resample, box=(bx0, by0, bx1, by1))
-        m = np.linalg.inv(crop_mapping(bx0, by0, bx1 - bx0, by1 - by0, (rh, rw))) @ m
     return img.transform((out_w, out_h), Image.Transform.AFFINE, tuple(m[:2].ravel()), resample=resample,
                          fillcolor=fill)
+
+
+def _resized(images: Sequence[torch.Tensor], boxes: np.ndarray, sizes: np.ndarray, interpolation: str,
+             colour: torch.Tensor, flips: np.ndarray) -> list[torch.Tensor]:
+    """Each image's box (x0, y0, x1, y1) resized as PIL's resize(box=...) does it to its own (h, w), as float levels
+    [3, h, w], mirrored where `flips` (per image: left-right, top-bottom) says. The weights of the group come from
+    one dump.render.resample_weights call per axis at the group's largest size, each box stretched to keep its own
+    pixel pitch (an image's first h rows are its own); images of one size to one size are resized together."""
+    device = images[0].device
+    top_h, top_w = (int(n) for n in sizes.max(0))
+    pitch = (boxes[:, 2:] - boxes[:, :2]) / sizes[:, ::-1]  # source pixels per resized pixel, (x, y)
+    lo, hi = boxes[:, :2], boxes[:, :2] + pitch * [top_w, top_h]
+    lengths = np.array([im.shape[1:] for im in images], dtype=np.float64)  # (H, W)
+    inside = np.zeros(len(images), dtype=bool)
+    wx = resample_weights(lengths[:, 1], lo[:, 0], hi[:, 0], top_w, interpolation, inside, device).float()
+    wy = resample_weights(lengths[:, 0], lo[:, 1], hi[:, 1], top_h, interpolation, inside, device).float()
+    groups = defaultdict(list)
+    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+        groups[(*image.shape[1:], int(h), int(w))].append(i)
+    # the source pixels any output pixel of an image reads: its box widened by the filter's reach
+    reach = SUPPORT[interpolation] * np.maximum(pitch, 1.0) + 1
+    first, last = np.floor(boxes[:, :2] - reach).clip(min=0), np.ceil(boxes[:, 2:] + reach)
+    out: list[torch.Tensor] = [colour] * len(images)
+    for (height, width, h, w), members in groups.items():
+        index = to_device(np.array(members), device)
+        x0, y0 = first[members].min(0).astype(int)
+        x1, y1 = np.minimum(last[members].max(0), (width, height)).astype(int)
+        ry, rx = wy[index, :h, y0:y1], wx[index, :w, x0:x1]
+        for axis, weights in ((0, rx), (1, ry)):
+            if flips[members, axis].any():
+                mirror = to_device(flips[members, axis].reshape(-1, 1, 1), device)
+                weights.copy_(torch.where(mirror, weights.flip(1), weights))
+        stacked = torch.stack([images[i][:, y0:y1, x0:x1] for i in members])
+        resized = resample_image(stacked, ry[:, None], rx[:, None], colour, vertical_first(height, width, h, w))
+        for i, view in zip(members, resized):
+            out[i] = view
+    return out
+
+
+def _normalised(width: float, height: float) -> np.ndarray:
+    """Pixel coordinates of a width x height canvas -> F.grid_sample's (align_corners=False: -1 and 1 are its edges)."""
+    return affine(2 / width, 0.0, -1.0, 0.0, 2 / height, -1.0)
+
+
+def warp_images(images: Sequence[torch.Tensor], mappings: np.ndarray, size: int | tuple[int, int],
+                filters: Sequence[str], fill: tuple[int, ...]) -> torch.Tensor:
+    """`warp_image` for decoded uint8 [3, H, W] images of any sizes on one device: float [B, 3, h, w] of 0..255 levels.
+
+    `mappings` [B, 3, 3] (host) and `filters` ("bicubic", "bilinear", "nearest" per image) as warp_image takes them.
+    An axis-aligned mapping inside its image is PIL's resize of its box (dump.render's weights: PIL's result up to
+    its fixed-point rounding). Every other mapping reads the region warp_image's affine path reads, resized the
+    same way, and all of them go through one F.grid_sample per filter (border padding: taps beyond the image
+    repeat its edge, as PIL's), with `fill` wherever the mapping leaves the image. grid_sample's bicubic kernel is
+    Keys' a = -0.75 where PIL's is a = -0.5 (tests/test_device_augment.py measures what that changes). Planning is
+    on the host; nothing here waits for the device.
+    """
+    out_h, out_w = _pair(size)
+    device = images[0].device
+    colour = to_device(np.array(fill, dtype=np.float32).reshape(3, 1, 1), device)
+    out: list[torch.Tensor] = [colour.expand(3, out_h, out_w)] * len(images)  # the fill, unless rendered below
+    resize, warp = defaultdict(list), defaultdict(list)  # filter -> [(index, box, flips)], [(index, region, mapping)]
+    for b, (image, m) in enumerate(zip(images, np.asarray(mappings, dtype=np.float64))):
+        height, width = image.shape[1:]
+        box = _resize_box(m, width, height, out_w, out_h)
+        region = None if box is not None else _warp_region(m, width, height, out_w, out_h, min_margin=3.0)
+        if box is not None:
+            resize[filters[b]].append((b, box, (m[0, 0] < 0, m[1, 1] < 0)))
+        elif region is not None:  # else it shows only the fill
+            warp[filters[b]].append((b, region, m))
+    for interpolation, group in resize.items():
+        index, boxes, flips = zip(*group)
+        sizes = np.array([(out_h, out_w)] * len(index))
+        for b, view in zip(index, _resized([images[b] for b in index], np.array(boxes), sizes, interpolation, colour,
+                                           np.array(flips))):
+            out[b] = view
+    for interpolation, group in warp.items():
+        index, regions, maps = zip(*group)
+        boxes, sizes, residuals = (np.array(part, dtype=np.float64) for part in zip(*regions))
+        sizes = sizes.astype(np.int64)
+        parts = _resized([images[b] for b in index], boxes, sizes, interpolation, colour,
+                         np.zeros((len(index), 2), dtype=bool))
+        top_h, top_w = (int(n) for n in sizes.max(0))
+        canvas = torch.cat([F.pad(p[None], (0, top_w - p.shape[2], 0, top_h - p.shape[1]), mode="replicate")
+                            for p in parts])
+        # output pixel centres -> the resized regions (to sample) and the original images (to fill outside them)
+        pixels = np.linalg.inv(_normalised(out_w, out_h))
+        inner = _normalised(top_w, top_h) @ residuals @ pixels
+        source = np.stack([_normalised(images[b].shape[2], images[b].shape[1]) @ m for b, m in zip(index, maps)])
+        source = source @ pixels
+        thetas = to_device(np.stack([inner, source])[:, :, :2].astype(np.float32), device)  # [2, n, 2, 3]
+        shape = (len(index), 3, out_h, out_w)
+        grid = F.affine_grid(thetas[0], shape, align_corners=False)
+        at = F.affine_grid(thetas[1], shape, align_corners=False)
+        outside = ((at < -1) | (at >= 1)).any(-1)[:, None]
+        rendered = F.grid_sample(canvas, grid, mode=interpolation, padding_mode="border", align_corners=False)
+        for b, view in zip(index, torch.where(outside, colour, rendered.clamp(0, 255).floor_())):
+            out[b] = view
+    return torch.stack(out)
 
 
 def map_coordinates(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: tuple[int, int],

@@ -9,7 +9,9 @@ object per epoch) and, at the end, DIR/eval.json (train.eval on the val split). 
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import random_seed
@@ -22,7 +24,7 @@ from labeler.load import load_labeler
 from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from train.augment import INTERPOLATIONS, LabelAwareTransform
-from train.data import StudentData, resolve_labels
+from train.data import AUGMENT_ON, StudentData, resolve_labels
 from train.eval import EVAL_JSON
 from train.models import build_student
 from train.objective import MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--patch-size", type=int, help="ViT/DeiT patch size override")
     a("--interpolation", choices=INTERPOLATIONS, default="bicubic", help="resampling of the train view "
                                                                          "(random: bilinear or bicubic per sample)")
+    a("--augment-on", choices=AUGMENT_ON, help="where the train view is rendered: workers (PIL, in the DataLoader "
+                                               "workers) or device (the workers only draw it; JPEG decoding, warp, "
+                                               "colour ops and erasing batched on the training device); default: "
+                                               "device on CUDA, workers on the CPU")
     a("--beta", type=float, default=1.0, help="weight of the mean token cross-entropy")
     a("--target", choices=TOKEN_TARGET_KINDS, default="gumbel", help="token targets from the stored maps")
     a("--tau", type=float, default=1.0, help="Gumbel-softmax temperature")
@@ -116,9 +122,11 @@ class Run(Trainer):
         transform = LabelAwareTransform(self.img_size, scale=(a.crop_scale, 1.0), hflip=a.hflip,
                                         auto_augment=None if a.aa == "none" else a.aa, color_jitter=a.color_jitter,
                                         interpolation=a.interpolation, re_prob=a.reprob, mean=self.mean, std=self.std)
+        a.augment_on = a.augment_on or ("device" if self.device.type == "cuda" else "workers")
         # the online labeler sees the clean view at its own input size (STL: same crop and flips, no colour ops)
         self.train_data = StudentData(self.shards, store if token_labels else None, transform, seed=a.seed,
-                                      clean_size=labeler_input)
+                                      clean_size=labeler_input, augment_on=a.augment_on)
+        self.augment = self.train_data.device_stage(self.device) if a.augment_on == "device" else None
         self.setup(self.student, self.train_data, model_name=a.model, num_classes=num_classes,
                    img_size=self.img_size, model_kwargs=model_kwargs, find_unused=not token_labels)
         cfg = StepConfig(num_classes=num_classes, img_size=self.img_size, grid=self.grid, token_labels=token_labels,
@@ -128,6 +136,11 @@ class Run(Trainer):
                          rank=self.rank)
         self.objective = StudentObjective(cfg, self.student, self.module, self.device, labeler=self.labeler,
                                           amp_dtype=self.optim.amp_dtype)
+
+    def loader(self) -> Iterable[dict[str, Any]]:
+        """This epoch's training batches; with --augment-on device, augmented on the device as they come."""
+        batches = super().loader()
+        return batches if self.augment is None else self.augment.batches(batches)
 
     def finish(self) -> None:
         """eval.json: the final evaluation, with the --final-corruptions."""
