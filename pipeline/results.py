@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(ev)
         token = "-" if VARIANTS[name].get("no-token-labels") else f"{labeler['token_fg_acc']:.1f}"
         rows.append(f"| {name} | {mean_spread([r['top1'] for r in results])} | "
-                    f"{mean_spread([r['top1_combined'] for r in results])} | "
+                    f"{mean_spread([r['top1_combined'] for r in results if 'top1_combined' in r])} | "
                     f"{mean_spread([r['corrupt_acc'] for r in results])} | {token} | "
                     f"{mean_spread([r['time'] for r in results])} |")
         seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")

@@ -6,6 +6,8 @@ and writes JSON with:
 - top1: the class head alone; top1_combined: class logits + 0.5 x per-class max over token logits (the score
   LV-ViT and STL report); top1_pooled: the mean of the token logits (what FAN-TL trains its dense head for);
 - the label-quality report of core.label_quality where the shards have masks;
+- dense_head_trained: false for a student trained without token labels, whose per-token head never got a loss:
+  then nothing read from its token logits (top1_combined, top1_pooled, label quality) is reported;
 - corrupt_acc: mean class-head top-1 over a fixed set of ImageNet-C corruptions (the `corrupt-tta` package) at
   fixed severities, applied to the eval view's uint8 image, seeded per sample; with a baseline's eval JSON,
   mce: ImageNet-C's mean corruption error, sum over severities of errors relative to the baseline's, in percent.
@@ -49,6 +51,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{path}: {ckpt['model']} was trained at {ckpt['img_size']} px and its weights do not fit "
                         f"{size} px ({str(e).splitlines()[-1].strip()}); evaluate without --img-size") from e
     meta = {k: ckpt[k] for k in ("model", "num_classes", "img_size")}
+    meta["dense_head_trained"] = ckpt.get("dense_head_trained", True)
     return model.to(device).eval(), meta
 
 
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate(model, args.shards, args.img_size or meta["img_size"], split=args.split, device=args.device,
                        batch_size=args.batch_size, workers=args.workers, corruptions=corruptions,
                        severities=tuple(args.severities), crop_pct=args.crop_pct,
-                       mean=meta.get("mean", IMAGENET_DEFAULT_MEAN), std=meta.get("std", IMAGENET_DEFAULT_STD))
+                       mean=meta.get("mean", IMAGENET_DEFAULT_MEAN), std=meta.get("std", IMAGENET_DEFAULT_STD),
+                       dense_head=meta.get("dense_head_trained", True))
     if baseline is not None:
         results["mce"] = mean_corruption_error(results, baseline)
         results["mce_baseline"] = str(args.baseline)
