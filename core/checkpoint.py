@@ -15,10 +15,12 @@ FORMAT = "tokenlabel-checkpoint"
 
 def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_size: int,
                     model: nn.Module, ema: nn.Module, train_state: dict[str, Any] | None = None,
-                    model_kwargs: dict[str, Any] | None = None, kind: str = "labeler") -> None:
+                    model_kwargs: dict[str, Any] | None = None, kind: str = "labeler",
+                    dense_head_trained: bool = True) -> None:
     """Write atomically (temp file, then rename) so a killed run never leaves a truncated checkpoint.
 
-    `kind` is "labeler" or "student"; `model_kwargs` are the extra arguments that rebuild the model by name.
+    `kind` is "labeler" or "student"; `model_kwargs` are the extra arguments that rebuild the model by name;
+    `dense_head_trained` is False for a student trained without token labels (its per-token head got no loss).
     """
     path = Path(path)
     payload = {
@@ -28,6 +30,7 @@ def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_
         "model_kwargs": model_kwargs or {},
         "num_classes": num_classes,
         "img_size": img_size,
+        "dense_head_trained": dense_head_trained,
         "state_dict": model.state_dict(),
         "ema": ema.state_dict(),
         "train_state": train_state or {},

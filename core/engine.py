@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str 
              device: str | torch.device = "cpu", batch_size: int = 256, workers: int = 2,
              corruptions: tuple[str, ...] = (), severities: tuple[int, ...] = SEVERITIES, crop_pct: float = 1.0,
              mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-             shift: float = 0.0) -> dict[str, Any]:
+             shift: float = 0.0, dense_head: bool = True) -> dict[str, Any]:
     """A labeler's or student's accuracies on a split, in percent, from its `forward_dense`.
 
     Clean: top1 (class head), top1_combined (class logits + 0.5 x per-class max over token logits, the score
@@ -87,6 +87,8 @@ def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str 
     labeler.receptive). Then, per corruption and severity, class-head top-1 (`corrupted`) and their mean
     (corrupt_acc). Under torchrun every rank evaluates its shards of the split and the counts are summed, so
     every rank gets the whole split's result.
+    With dense_head=False (a model whose per-token head was never trained: a --no-token-labels student) the
+    results hold nothing read from the token logits, and `dense_head_trained` says why.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -126,6 +128,9 @@ def evaluate(model: nn.Module, shards: str | Path, img_size: int, *, split: str 
     accuracy = [100.0 * c / n for c, n in zip(correct, total)]
     results: dict[str, Any] = {"top1": accuracy[0], "top1_combined": 100.0 * combined[0] / total[0],
                                "top1_pooled": 100.0 * pooled[0] / total[0], **(quality.rates() if grid is not None else {})}
+    if not dense_head:  # an untrained head's token logits would only add noise to these scores
+        results = {"top1": results["top1"]}
+    results["dense_head_trained"] = dense_head
     if len(settings) > 1:
         results["corrupted"] = {f"{name}/{severity}": acc for (name, severity), acc in zip(settings[1:], accuracy[1:])}
         results["corrupt_acc"] = float(np.mean(accuracy[1:]))

@@ -25,7 +25,15 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed precision in `dtype` on `device`, or nothing when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on this device type, for code inside an autocast region that must compute in full precision
+    (nothing to turn off on a device type without autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Optimization:

@@ -33,6 +33,7 @@ class Trainer:
     std: tuple[float, ...]
     objective: Objective
     view_shift: float = 0.0       # a labeler's eval-view shift (labeler.receptive); 0 for students
+    dense_head_trained: bool = True  # whether the loss trains the model's per-token head (evaluate, checkpoint)
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -83,14 +84,14 @@ class Trainer:
     def save(self) -> None:
         state = {"epoch": self.epoch, "step": self.step, **self.optim.state_dict(), "args": saved_args(self.args)}
         save_checkpoint(self.args.out / "last.pt", **self.identity, model=self.model, ema=self.optim.ema.module,
-                        train_state=state, kind=self.kind)
+                        train_state=state, kind=self.kind, dense_head_trained=self.dense_head_trained)
 
     def evaluate(self, corruptions: tuple[str, ...] = ()) -> dict[str, Any]:
         """core.engine.evaluate on the val split with the EMA weights (clean only, unless corruptions are given)."""
         a = self.args
         return evaluate(self.optim.ema.module, self.shards, self.identity["img_size"], device=self.device,
                         batch_size=a.batch_size, workers=a.workers, corruptions=corruptions, mean=self.mean,
-                        std=self.std, shift=self.view_shift)
+                        std=self.std, shift=self.view_shift, dense_head=self.dense_head_trained)
 
     def train_epoch(self) -> dict[str, float]:
         a = self.args

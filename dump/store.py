@@ -41,7 +41,7 @@ from zarr.codecs import BloscCodec
 
 from core.eval_view import centre_box, check_crop_pct
 from shards.errors import UserError
-from shards.manifest import MANIFEST, Manifest
+from shards.manifest import MANIFEST, Manifest, keys_digest
 
 FORMAT = "tokenlabel-labels"
 VERSION = 1
@@ -309,8 +309,14 @@ def check_complete(store: LabelStore) -> None:
                         f"run the same dump command again to finish it")
 
 
+def misplaced_keys(keys: np.ndarray, expected: list[str], valid: np.ndarray) -> np.ndarray:
+    """Rows whose stored key is not the shards' key at that row (an unknown key, "", is allowed in skipped rows)."""
+    return np.flatnonzero((keys != np.array(expected, dtype=keys.dtype)) & ~((keys == "") & (valid == 0)))
+
+
 def check_matches(store: LabelStore, manifest: Manifest, split: str) -> None:
-    """Refuse (one line) a store that is incomplete or was not made from exactly these shards of `split`."""
+    """Refuse (one line) a store that is incomplete or was not made from exactly these shards of `split`: its
+    attributes, then its `keys` array itself (the rows are joined to the samples by position)."""
     from shards.reader import split_keys
 
     check_complete(store)
@@ -331,3 +337,15 @@ def check_matches(store: LabelStore, manifest: Manifest, split: str) -> None:
     if have["shards"] != want["shards"]:
         raise UserError(f"{where}: same keys but a different tar-shard layout ({len(have['shards'])} vs "
                         f"{len(want['shards'])} shards); re-run the dump on these shards")
+    keys = store.keys
+    if len(keys) == want["count"] and keys_digest(keys.tolist()) == want["digest"]:
+        return
+    expected = split_keys(manifest.root, split)  # read only when the digest differs (or a key is unknown)
+    problem = f"{len(keys)} keys stored, {len(expected)} in the shards" if len(keys) != len(expected) else None
+    wrong = misplaced_keys(keys, expected, store.valid()) if problem is None else []
+    if len(wrong):
+        row = wrong[0]
+        problem = f"{len(wrong)} row(s) differ, first row {row}: {keys[row]!r} stored, {expected[row]!r} in the shards"
+    if problem:
+        raise UserError(f"{where}: the store's keys array does not list the shards' keys, though its attributes do "
+                        f"({problem}); its rows would label other images: re-run the dump on these shards")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dump.store import SHARDS_HELP, LabelStore, dataset_attrs, open_store, store_shards
+from dump.store import SHARDS_HELP, LabelStore, dataset_attrs, misplaced_keys, open_store, store_shards
 from shards.errors import cli
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import split_keys
@@ -42,7 +42,7 @@ def check_keys(store: LabelStore, expected: list[str], valid: np.ndarray) -> lis
     failures = []
     if len(keys) != len(expected):
         return [f"{path}: {len(keys)} keys stored, the split has {len(expected)}"]
-    wrong = np.flatnonzero((keys != np.array(expected, dtype=keys.dtype)) & ~((keys == "") & (valid == 0)))
+    wrong = misplaced_keys(keys, expected, valid)
     if len(wrong):
         row = wrong[0]
         failures.append(f"{path}: {len(wrong)} row(s) hold the wrong key, first row {row}: {keys[row]!r}, "

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = "-" if variant.get("no-token-labels") else variant.get("labels", pipeline.labelers[0].name)
         other = quality.get(labels, {}).get("label_other_acc")
         rows.append(f"| {name} | {labels} | {'-' if other is None else f'{other:.1f}'} | "
-                    f"{mean_spread([r['top1'] for r in results])} | {mean_spread([r['top1_combined'] for r in results])}"
+                    f"{mean_spread([r['top1'] for r in results])} | {mean_spread([r['top1_combined'] for r in results if 'top1_combined' in r])}"
                     f" | {mean_spread([r['corrupt_acc'] for r in results])} | {min(r['first'] for r in results):.1f} | "
                     f"{mean_spread([r['time'] for r in results])} |")
         seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")

@@ -55,3 +55,27 @@ def lvvit_store():
         return store
 
     return make
+
+
+def stored_map(key: str, rng, num_classes: int = 10):
+    """LV-ViT's [2, k=3, 8, 8] float16 file: the image's class on top (noisy logits), then two other classes."""
+    import numpy as np
+
+    cls = int(key.split("/")[0])
+    scores = np.sort(rng.normal(size=(3, 8, 8)), axis=0)[::-1] + np.array([2.0, 0.0, 0.0])[:, None, None]
+    classes = np.stack([np.full((8, 8), (cls + i) % num_classes) for i in range(3)])
+    return np.stack([scores, classes]).astype(np.float16)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, lvvit_store):
+    """(shard folder, store): demo shards (train: 2 shards of 8, val: 8) and a store of 8x8 maps for 64 px inputs
+    (K=10), imported from LV-ViT .pt files."""
+    import numpy as np
+
+    from shards.demo import build_demo
+
+    root = tmp_path_factory.mktemp("data") / "demo"
+    build_demo(root, train=16, val=8, per_shard=8)
+    rng = np.random.default_rng(0)
+    return root, lvvit_store(root, lambda row, key: stored_map(key, rng), 64)

@@ -80,7 +80,8 @@ def by_hand(model: torch.nn.Module, root: Path, corruption: str | None = None, s
 def test_accuracies_match_the_model_run_by_hand(setup):
     root, ckpt = setup
     model, meta = load_model(ckpt)
-    assert meta == {"kind": "student", "model": "fan_demo_tiny_p8", "num_classes": 10, "img_size": 64}
+    assert meta == {"kind": "student", "model": "fan_demo_tiny_p8", "num_classes": 10, "img_size": 64,
+                    "dense_head_trained": True}
     clean, noisy = by_hand(model, root), by_hand(model, root, "gaussian_noise", 5)
     # preconditions: mixing up the scores or the passes would show
     assert clean["disagree"] > 0 and clean["top1"] != clean["top1_combined"] and clean["top1"] != noisy["top1"]

@@ -69,7 +69,7 @@ def test_hard_targets_give_the_loss_of_their_dense_form(smoothing):
     logits = torch.randn(3, 6, 5, generator=gen)  # [B, N, K]
     valid = torch.rand(3, 6, generator=gen) < 0.7
     one = HardTokens.of(torch.randint(0, 5, (3, 2, 3), generator=gen), 5, smoothing)
-    two = one.blend(torch.tensor([2, 1, 0]), 0.3)
+    two = one.blend(0.3)
     for hard in (one, two):
         flat = hard.map(lambda t: t.flatten(2))  # [B, M, N]
         dense = hard.dense().flatten(2).transpose(1, 2)  # [B, N, K]

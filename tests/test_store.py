@@ -135,6 +135,22 @@ def test_check_matches_refuses_stores_that_do_not_fit(store, demo_shards, tmp_pa
         check_matches(LabelStore(store.path), manifest, "train")
 
 
+def test_check_matches_reads_the_keys_array_itself(store, demo_shards):
+    """Attributes equal, but two rows' keys swapped: the rows would be joined to other images; one line."""
+    manifest = load_manifest(demo_shards)
+    keys = zarr.open_group(store.path, mode="r+")["keys"]
+    first, second = str(keys[7]), str(keys[8])
+    keys[7:9] = np.array([second, first])
+    with pytest.raises(UserError) as refused:
+        check_matches(LabelStore(store.path), manifest, "train")
+    assert str(refused.value) == (
+        f"{store.path} vs {demo_shards}/manifest.json: the store's keys array does not list the shards' keys, though "
+        f"its attributes do (2 row(s) differ, first row 7: {second!r} stored, {first!r} in the shards); its rows "
+        "would label other images: re-run the dump on these shards")
+    keys[7:9] = np.array([first, second])
+    check_matches(LabelStore(store.path), manifest, "train")
+
+
 def test_a_store_finds_its_shards_wherever_it_lives(store, demo_shards, tmp_path, capsys):
     """--shards, else a <dataset>/labels/ placement, else the dataset folder the store records; else one line."""
     assert store.attrs["dataset"]["root"] == str(demo_shards.resolve())

@@ -16,12 +16,12 @@ from PIL import Image
 
 from core.checkpoint import read_checkpoint, save_checkpoint
 from core.engine import train_step
-from dump.lvvit import import_lvvit
 from shards.build import build
 from shards.demo import build_demo
-from shards.reader import split_keys
 from train.eval import main as eval_main
+from train.mixing import MixInfo, apply_mix, mix_tokens
 from train.student import Run, build_parser, check_args, main
+from train.targets import class_targets
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -34,29 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def stored_map(key: str, rng: np.random.Generator) -> np.ndarray:
-    """LV-ViT's [2, k=3, 8, 8] float16 file: the image's class on top (noisy logits), then two other classes."""
-    cls = int(key.split("/")[0])
-    scores = np.sort(rng.normal(size=(3, 8, 8)), axis=0)[::-1] + np.array([2.0, 0.0, 0.0])[:, None, None]
-    classes = np.stack([np.full((8, 8), (cls + i) % K) for i in range(3)])
-    return np.stack([scores, classes]).astype(np.float16)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """Demo shards (train: 2 shards of 8, val: 8) and a store of 8x8 maps for 64 px inputs, imported from .pt files."""
-    root = tmp_path_factory.mktemp("data") / "demo"
-    build_demo(root, train=16, val=8, per_shard=8)
-    files = tmp_path_factory.mktemp("lvvit")
-    rng = np.random.default_rng(0)
-    for key in split_keys(root, "train"):
-        (files / key).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(torch.from_numpy(stored_map(key, rng)), files / f"{key}.pt")
-    store = root / "labels" / "maps.zarr"
-    import_lvvit(files, store, root, input_size=64)
-    return root, store
 
 
 def argv(labels: Path, out: Path, *flags: str) -> list[str]:
@@ -183,7 +160,7 @@ def test_online_labeler_makes_the_targets_without_a_store(tmp_path):
     assert run.train_data.store is None and run.grid == (8, 8)
     batch = next(iter(run.loader()))
     assert torch.equal(batch["clean"], batch["image"])  # no photometric op: the teacher sees the student's view
-    _, tokens, valid = run.objective.targets(batch, torch.Generator().manual_seed(0))
+    _, tokens, valid = run.objective.targets(batch)
     with torch.no_grad():
         _, logits, grid = run.labeler.forward_dense(batch["clean"])
     expected = logits.softmax(-1).transpose(1, 2).unflatten(2, grid)
@@ -259,6 +236,10 @@ def test_one_line_errors(dataset, tmp_path, capsys):
     three = other_class_count_dataset(tmp_path / "three")
     (three / "labels").mkdir()
     os.symlink(store, three / "labels" / "maps.zarr")
+    swapped = tmp_path / "swapped.zarr"  # its attributes match the shards, its keys array does not
+    shutil.copytree(store, swapped)
+    keys = zarr.open_group(swapped, mode="r+")["keys"]
+    keys[0:2] = np.array([str(keys[1]), str(keys[0])])
     cases = [
         (main, argv(store, tmp_path / "a", "--model", "vit_nope_patch16"), "unknown model 'vit_nope_patch16'"),
         (main, argv(store, tmp_path / "b", "--resume", str(tmp_path / "missing.pt")), "checkpoint not found"),
@@ -268,6 +249,9 @@ def test_one_line_errors(dataset, tmp_path, capsys):
          "labeler has 3 classes, the shards 10"),
         (main, argv(store, tmp_path / "f", "--final-corruptions", "fog", "fgo"), "unknown corruption 'fgo'"),
         (main, argv(store, tmp_path / "g", "--batch-size", "17"), "fewer than --batch-size 17"),
+        (main, argv(swapped, tmp_path / "h"), "the store's keys array does not list the shards' keys"),
+        (main, argv(store, tmp_path / "i", "--img-size", "70"),
+         "img_size 70x70 is not a multiple of the FAN student's stride 8x8"),
         (eval_main, [str(tmp_path / "missing.pt"), "--shards", str(root)], "checkpoint not found"),
     ]
     capsys.readouterr()
@@ -277,3 +261,79 @@ def test_one_line_errors(dataset, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2, args
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert not (tmp_path / "i").exists()  # refused before anything was built or written
+
+
+@pytest.mark.parametrize("form", ["paper", "dense"])
+def test_tl_align_under_mixtoken_starts_from_the_labels_of_what_each_token_shows(dataset, tmp_path, form):
+    """MixToken moves the box's tokens to the partner: TL-Align's starting labels must describe the tokens the
+    model sees, mixed once. Paper form: each token's source-image label (the box gives the partner's; mixing those
+    again would undo it). Dense form: the token maps moved with their tokens, a quarter of them without a label."""
+    _, store = dataset
+    run = make_run(*argv(store, tmp_path, "--model", "vit_tiny_patch16_224", "--patch-size", "16", "--drop-path", "0",
+                         "--tl-align", form, "--mix", "mixtoken", "--target", "softmax"))
+    objective, batch = run.objective, next(iter(run.loader()))
+    info = MixInfo("mixtoken", 1 - 4 / 16, (0, 2, 1, 3), run.grid)
+    cls_t, tok_t, valid = objective.targets(batch)
+    cls_t = apply_mix(info, batch["image"], cls_t)[1]
+    tok_t, valid = tok_t.flatten(2).transpose(1, 2), valid.flatten(1) & (torch.arange(16) % 4 > 0)
+    with torch.no_grad():
+        _, _, aligned = objective.forward(batch["image"], batch["cls"], cls_t, tok_t, valid, info)
+        if form == "paper":
+            source = info.source(len(batch["cls"])).flatten(1)
+            assert not torch.equal(source, mix_tokens(source.unsqueeze(-1), info).squeeze(-1))
+            start, start_valid = class_targets(batch["cls"], K, 0.1)[source], None
+        else:
+            start, start_valid = mix_tokens(tok_t, info), mix_tokens(valid.unsqueeze(-1), info).squeeze(-1)
+        with objective.aligner.align(cls_t, start, valid=start_valid) as want:
+            objective.module(batch["image"], mix=info)
+    torch.testing.assert_close(aligned.cls, want.cls, rtol=0, atol=1e-6)
+    if form == "dense":  # back in each image's own token order, like the token logits
+        torch.testing.assert_close(aligned.tokens, mix_tokens(want.tokens, info), rtol=0, atol=1e-6)
+
+
+def compiled_matches_eager(dataset, tmp_path, mode: str, flags: list[str]) -> None:
+    """A run with --compile MODE trains as the eager run does: the same losses and weights up to rounding."""
+    _, store = dataset
+    main(argv(store, tmp_path / "eager", *flags))
+    main(argv(store, tmp_path / "compiled", *flags, "--compile", mode))
+    (eager,), (compiled,) = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    losses = [key for key in eager if key.startswith("train_loss")]
+    assert losses and [compiled[key] for key in losses] == pytest.approx([eager[key] for key in losses], rel=1e-4)
+    a, b = (read_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("eager", "compiled"))
+    assert a.keys() == b.keys()  # torch.compile's wrapper does not leak into the checkpoint
+    for key in a:  # AdamW moves a weight by about lr whatever its gradient: one that is 0 up to rounding may go
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=4 * eager["lr"])  # either way (lr: warming up)
+
+
+@pytest.mark.parametrize("flags", [["--mix", "cutmix", "--drop-path", "0.1"], ["--mix", "mixup", "--target", "softmax",
+                                                                               "--no-token-labels"]], ids=" ".join)
+def test_compile_captures_whole_graphs_and_trains_as_eager(dataset, tmp_path, flags):
+    """--compile aot_eager: dynamo and AOT autograd capture the label path and the loss as whole graphs (fullgraph:
+    a graph break fails) and the student's forward, without generating code, so it takes seconds on a CPU."""
+    compiled_matches_eager(dataset, tmp_path, "aot_eager", ["--max-steps", "2", *flags])
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_trains_as_eager(dataset, tmp_path):
+    """--compile (inductor: generated kernels); minutes on the 2-core CPU for compiling, hence `slow`."""
+    compiled_matches_eager(dataset, tmp_path, "default", ["--max-steps", "2", "--target", "softmax", "--mix", "cutmix",
+                                                          "--drop-path", "0"])
+
+
+def test_a_run_without_token_labels_reports_nothing_of_its_untrained_dense_head(dataset, tmp_path):
+    """--no-token-labels trains no loss through the per-token head: its checkpoint says so, and neither the
+    per-epoch records, eval.json nor train.eval report a score read from its token logits (top1_combined would
+    add 0.5 x the max of untrained logits)."""
+    root, store = dataset
+    main(argv(store, tmp_path / "run", "--no-token-labels", "--max-steps", "1"))
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["dense_head_trained"] is False
+    eval_main([str(tmp_path / "run" / "last.pt"), "--shards", str(root), "--corruptions", "--out",
+               str(tmp_path / "again.json")])
+    (record,) = metrics(tmp_path / "run")
+    for results in (record, *(json.loads((tmp_path / name).read_text()) for name in ("run/eval.json", "again.json"))):
+        assert results["dense_head_trained"] is False and "top1" in results
+        assert not {"top1_combined", "top1_pooled", "token_fg_acc"} & set(results), sorted(results)
+    main(argv(store, tmp_path / "labels", "--max-steps", "1"))
+    assert read_checkpoint(tmp_path / "labels" / "last.pt")["dense_head_trained"] is True
+    assert {"top1_combined", "top1_pooled", "token_fg_acc"} <= set(json.loads((tmp_path / "labels" / "eval.json").read_text()))

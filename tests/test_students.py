@@ -7,7 +7,7 @@ import torch
 
 from shards.errors import UserError
 from train.losses import token_label_loss
-from train.mixing import MixInfo, flip_perm, sample_mixtoken
+from train.mixing import MixInfo, sample_mixtoken
 from train.models import build_student
 
 K = 5
@@ -47,7 +47,7 @@ def test_forward_is_the_timm_forward(key):
     name, img, kwargs, _ = FAMILIES[key]
     student, _, grid = build(key)
     x = torch.randn(3, 3, img, img)
-    student.forward_dense(x, mix=sample_mixtoken(3, grid, rng=np.random.default_rng(0)))  # leaves no hook behind
+    student.forward_dense(x, mix=sample_mixtoken(grid, rng=np.random.default_rng(0)))  # leaves no hook behind
     ref = timm.create_model(name, num_classes=K, img_size=img, **kwargs)
     ref.load_state_dict(student.model.state_dict())
     student.eval()
@@ -71,7 +71,7 @@ def test_few_steps_lower_the_loss(key):
     valid = torch.rand(4, grid[0] * grid[1]) > 0.2
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     losses = []
-    mix = mixtoken(4, grid, (1, grid[0], 0, grid[1] // 2))
+    mix = mixtoken(grid, (1, grid[0], 0, grid[1] // 2))
     for step in range(7):  # MixToken on odd steps; the first and last losses are both unmixed
         cls, tokens, _ = student.forward_dense(x, mix=mix if step % 2 else None)
         loss, _ = token_label_loss(cls, cls_target, tokens, token_target, valid)
@@ -90,15 +90,15 @@ def test_full_box_mixtoken_swaps_images_and_unmixes_tokens(key):
     x = torch.randn(3, 3, img, img)
     with torch.no_grad():
         cls, tokens, _ = student.forward_dense(x)
-        mixed_cls, mixed_tokens, _ = student.forward_dense(x, mix=mixtoken(3, grid, (0, grid[0], 0, grid[1])))
+        mixed_cls, mixed_tokens, _ = student.forward_dense(x, mix=mixtoken(grid, (0, grid[0], 0, grid[1])))
     torch.testing.assert_close(mixed_cls, cls.flip(0))
     torch.testing.assert_close(mixed_tokens, tokens)
 
 
-def mixtoken(batch, grid, box):
+def mixtoken(grid, box):
     """A MixToken draw with a fixed box (top, bottom, left, right) and its exact lam."""
     lam = 1 - (box[1] - box[0]) * (box[3] - box[2]) / (grid[0] * grid[1])
-    return MixInfo("mixtoken", lam, box, flip_perm(batch), grid)
+    return MixInfo("mixtoken", lam, box, grid)
 
 
 def box_mask(grid, box, scale=1):
@@ -118,7 +118,7 @@ def test_vit_mixtoken_equals_pixel_cutmix(key):
     patch = box_mask(grid, box).repeat_interleave(img // grid[0], 0).repeat_interleave(img // grid[1], 1)
     with torch.no_grad():
         pix_cls, pix_tokens, _ = student.forward_dense(torch.where(patch, x.flip(0), x))
-        cls, tokens, _ = student.forward_dense(x, mix=mixtoken(4, grid, box))
+        cls, tokens, _ = student.forward_dense(x, mix=mixtoken(grid, box))
     torch.testing.assert_close(cls, pix_cls)
     own = torch.where(box_mask(grid, box).flatten()[None, :, None], pix_tokens.flip(0), pix_tokens)
     torch.testing.assert_close(tokens, own)
@@ -139,7 +139,7 @@ def test_mixtoken_mixes_the_patch_embedding_inside_the_box(key, first_block, sca
     x = torch.randn(3, 3, img, img)
     with torch.no_grad():
         student.forward_dense(x)
-        student.forward_dense(x, mix=mixtoken(3, grid, box))
+        student.forward_dense(x, mix=mixtoken(grid, box))
     plain, mixed = (s.reshape(3, grid[0] * scale, grid[1] * scale, -1) for s in seen)
     expected = torch.where(box_mask(grid, box, scale)[None, :, :, None], plain.flip(0), plain)
     torch.testing.assert_close(mixed, expected)
@@ -149,9 +149,9 @@ def test_bad_mix_and_size():
     student, img, grid = build("vit")
     x = torch.randn(2, 3, img, img)
     with pytest.raises(ValueError, match="mixtoken"):
-        student.forward_dense(x, mix=MixInfo("cutmix", 0.5, (0, 2, 0, 2), flip_perm(2), grid))
+        student.forward_dense(x, mix=MixInfo("cutmix", 0.5, (0, 2, 0, 2), grid))
     with pytest.raises(ValueError, match="grid"):
-        student.forward_dense(x, mix=mixtoken(2, (4, 4), (0, 2, 0, 2)))
+        student.forward_dense(x, mix=mixtoken((4, 4), (0, 2, 0, 2)))
     with pytest.raises(UserError, match="stride"):
         student.grid(img + 2)
 

@@ -260,3 +260,30 @@ def test_misuse_is_reported():
     with pytest.raises(UserError, match="global_pool"):
         TokenLabelAligner(map_pooled)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_avg", "fan"])
+def test_tokens_without_a_label_carry_none(kind):
+    """A quarter of the tokens have no label (outside the map's footprint) and come as the targets give them, as
+    smoothed class-0 rows. With `valid` no label mass of theirs reaches the class target or the labelled tokens:
+    class 0 keeps exactly its smoothing share. Without it, class 0 takes a visible share."""
+    model = make_model(kind)
+    g = torch.Generator().manual_seed(3)
+    valid = torch.rand(B, N, generator=g) >= 0.25
+    classes = torch.where(valid, torch.randint(1, K, (B, N), generator=g), 0)
+    eps = 0.1
+    smoothed = lambda ids: torch.nn.functional.one_hot(ids, K).float() * (1 - eps) + eps / K  # noqa: E731
+    tok0, cls0 = smoothed(classes), smoothed(torch.randint(1, K, (B,), generator=g))
+    aligner = TokenLabelAligner(model)
+    with aligner.align(cls0, tok0, valid=valid) as aligned:
+        model(images())
+    for rows in (aligned.cls, aligned.tokens):
+        torch.testing.assert_close(rows[..., 0], torch.full(rows.shape[:-1], eps / K), atol=1e-6, rtol=0)
+        torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:-1]), atol=1e-6, rtol=0)
+    with aligner.align(cls0, tok0) as leaky:
+        model(images())
+    assert (leaky.cls[:, 0] > eps / K + 0.05).all()
+    with aligner.align(cls0, tok0, valid=torch.ones(B, N, dtype=torch.bool)) as all_valid:
+        model(images())
+    torch.testing.assert_close(all_valid.cls, leaky.cls, atol=1e-6, rtol=0)
+    torch.testing.assert_close(all_valid.tokens, leaky.tokens, atol=1e-6, rtol=0)

@@ -139,16 +139,16 @@ class StudentData(TrainSplit):
 
 def token_label_targets(batch: dict[str, torch.Tensor], num_classes: int, img_size: int, grid: tuple[int, int], *,
                         kind: str = "gumbel", tau: float = 1.0, smoothing: float = 0.1, points: int = 2,
-                        generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor]:
-    """(token targets, valid [B, h, w], pooled label [B, K]) for a batch on device.
+                        generator: torch.Generator | None = None, pooled: bool = True
+                        ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor | None]:
+    """(token targets, valid [B, h, w], pooled label [B, K], or None with pooled=False) for a batch on device.
 
     Works on the stored top-k directly (train.targets.stored_token_targets): no dense [B, K, H, W] map is built,
     and for hard targets (Gumbel, argmax) no [B, K, h, w] tensor either.
     """
     return stored_token_targets(batch["scores"], batch["classes"], batch["mapping"], batch["footprint"], num_classes,
                                 img_size, grid, kind=kind, tau=tau, smoothing=smoothing, points=points,
-                                generator=generator)
+                                generator=generator, pooled=pooled)
 
 
 def clean_view(image: Image.Image, mapping: np.ndarray, img_size: int, size: int,

@@ -6,6 +6,8 @@ and writes JSON with:
 - top1: the class head alone; top1_combined: class logits + 0.5 x per-class max over token logits (the score
   LV-ViT and STL report); top1_pooled: the mean of the token logits (what FAN-TL trains its dense head for);
 - the label-quality report of core.label_quality where the shards have masks;
+- dense_head_trained: false for a student trained without token labels, whose per-token head never got a loss:
+  then nothing read from its token logits (top1_combined, top1_pooled, label quality) is reported;
 - corrupt_acc: mean class-head top-1 over a fixed set of ImageNet-C corruptions (the `corrupt-tta` package) at
   fixed severities, applied to the eval view's uint8 image, seeded per sample; with a baseline's eval JSON,
   mce: ImageNet-C's mean corruption error, sum over severities of errors relative to the baseline's, in percent.
@@ -50,6 +52,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{path}: {ckpt['model']} was trained at {ckpt['img_size']} px and its weights do not fit "
                         f"{size} px ({str(e).splitlines()[-1].strip()}); evaluate without --img-size") from e
     meta = {"kind": "student", **{k: ckpt[k] for k in ("model", "num_classes", "img_size")}}
+    meta["dense_head_trained"] = ckpt.get("dense_head_trained", True)
     return model.to(device).eval(), meta
 
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                        batch_size=args.batch_size, workers=args.workers, corruptions=corruptions,
                        severities=tuple(args.severities), crop_pct=args.crop_pct,
                        mean=meta.get("mean", IMAGENET_DEFAULT_MEAN), std=meta.get("std", IMAGENET_DEFAULT_STD),
-                       shift=shift)
+                       shift=shift, dense_head=meta.get("dense_head_trained", True))
     if baseline is not None:
         results["mce"] = mean_corruption_error(results, baseline)
         results["mce_baseline"] = str(args.baseline)

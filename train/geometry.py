@@ -284,7 +284,7 @@ def _map_points(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: tupl
     if mode not in RESAMPLE_MODES:
         raise UserError(f"token label resampling mode {mode!r} is unknown; use one of {RESAMPLE_MODES}")
     uv = map_coordinates(mappings, footprints, map_grid, img_size, grid, points)
-    size = uv.new_tensor([map_grid[1], map_grid[0]])
+    size = torch.stack([uv.new_full((), map_grid[1]), uv.new_full((), map_grid[0])])  # made on the device, not sent
     return uv, ((uv >= 0) & (uv < size)).all(-1), size
 
 
@@ -308,7 +308,7 @@ def resample_maps(probs: torch.Tensor, mappings: torch.Tensor, footprints: torch
                                    mode)
     # nearest: the centre of the cell a point falls in (no rounding ties inside grid_sample); bilinear: clamped
     # to the outer cell centres (border padding); outside points go far off the map, where zero padding reads 0
-    uv = uv.floor() + 0.5 if mode == "nearest" else torch.clamp(uv, size.new_tensor(0.5), size - 0.5)
+    uv = uv.floor() + 0.5 if mode == "nearest" else uv.clamp(min=0.5).minimum(size - 0.5)
     norm = torch.where(inside[..., None], uv / size * 2 - 1, -4.0).to(probs.dtype)
     out = sum(F.grid_sample(probs, norm[:, i], mode=mode, padding_mode="zeros", align_corners=False)
               for i in range(norm.shape[1]))
@@ -334,7 +334,7 @@ def cell_taps(mappings: torch.Tensor, footprints: torch.Tensor, map_grid: tuple[
     if mode == "nearest":
         cell = torch.minimum(uv.floor(), size - 1).clamp(min=0).long()
         return cell[..., 1] * mw + cell[..., 0], inside.to(uv.dtype), count
-    x = torch.clamp(uv, size.new_tensor(0.5), size - 0.5) - 0.5  # in cell-centre units, in [0, W - 1]
+    x = uv.clamp(min=0.5).minimum(size - 0.5) - 0.5  # in cell-centre units, in [0, W - 1]
     lo = x.floor()
     frac = x - lo
     lo = lo.long()

@@ -10,7 +10,8 @@ def token_label_loss(cls_logits: torch.Tensor, cls_target: torch.Tensor,
                      token_logits: torch.Tensor | None = None, token_target: torch.Tensor | HardTokens | None = None,
                      valid: torch.Tensor | None = None, beta: float = 1.0
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total, {"cls": ..., "token": ...}) with the parts detached for logging.
+    """(total, {"cls": ..., "token": ...}) with the parts detached for logging, computed in float32 (logits may
+    come in half precision).
 
     cls_logits [B, K] against cls_target [B, K] probabilities (or [B] class ids). token_logits [B, N, K] against
     token_target [B, N, K] probabilities or HardTokens of ids [B, M, N]; valid [B, N] (bool, or float weights)
@@ -18,14 +19,15 @@ def token_label_loss(cls_logits: torch.Tensor, cls_target: torch.Tensor,
     of the whole batch (0 if there are none).
     beta == 0 or token_logits None gives the plain class loss (the --no-token-labels baseline) and no "token" part.
     """
+    cls_logits = cls_logits.float()
     cls_loss = F.cross_entropy(cls_logits, _like(cls_target, cls_logits))
     if beta == 0 or token_logits is None:
         return cls_loss, {"cls": cls_loss.detach()}
+    token_logits = token_logits.float()
     if isinstance(token_target, HardTokens):
         per_token = _hard_cross_entropy(token_logits, token_target).flatten()
-    else:
-        per_token = F.cross_entropy(token_logits.flatten(0, 1), _like(token_target, token_logits).flatten(0, 1),
-                                    reduction="none")
+    else:  # soft cross-entropy on the targets as they come (often a transposed view): no copy of them
+        per_token = -(token_target * token_logits.log_softmax(-1)).sum(-1).flatten()
     if valid is None:
         token_loss = per_token.mean()
     else:

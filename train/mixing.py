@@ -1,6 +1,7 @@
 """Batch mixing that keeps token labels right: CutMix on the token grid, Mixup, and MixToken.
 
-One draw per batch; each sample's partner is the batch flipped along dim 0 (as timm and LV-ViT do).
+One draw per batch; each sample's partner is the batch flipped along dim 0 (as timm and LV-ViT do), so a mix is
+a flip and a copy on the device: no index tensor, nothing the host must send or read.
 - cutmix: a box of whole tokens is pasted from the partner into the pixels (box x patch size), the token
   targets and the validity mask alike; the class target is weighted by the exact share of tokens from each
   image. (STL leaves token labels unmixed under CutMix; LV-ViT blends whole maps regardless of the box.)
@@ -30,28 +31,18 @@ Box = tuple[int, int, int, int]
 @dataclass(frozen=True)
 class MixInfo:
     """What one batch went through: mode ("none", "mixup", "cutmix" or "mixtoken"), lam (the weight of each
-    sample's own content; for box modes exactly 1 - box tokens / all tokens), box (token units, or None),
-    perm ([B], the partner of each sample) and the token grid (h, w) the box lives on."""
+    sample's own content; for box modes exactly 1 - box tokens / all tokens), box (token units, or None) and the
+    token grid (h, w) the box lives on. Sample b's partner is sample B - 1 - b."""
 
     mode: str
     lam: float
     box: Box | None
-    perm: torch.Tensor
     grid: tuple[int, int]
 
-    def source(self) -> torch.Tensor:
-        """[B, h, w] long: the batch index whose content each token shows (its partner's inside the box)."""
-        batch = len(self.perm)
-        src = torch.arange(batch)[:, None, None].expand(batch, *self.grid).clone()
-        if self.box is not None:
-            top, bottom, left, right = self.box
-            src[:, top:bottom, left:right] = self.perm[:, None, None]
-        return src
-
-
-def flip_perm(batch: int) -> torch.Tensor:
-    """Partner indices of the batch flipped along dim 0."""
-    return torch.arange(batch - 1, -1, -1)
+    def source(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """[B, h, w] long on `device`: the batch index whose content each token shows (its partner's inside the box)."""
+        src = torch.arange(batch, device=device)[:, None, None].expand(batch, *self.grid)
+        return src if self.box is None else _paste(src, self.box)
 
 
 def token_box(grid: tuple[int, int], lam: float, rng: np.random.Generator) -> tuple[Box, float]:
@@ -66,12 +57,11 @@ def token_box(grid: tuple[int, int], lam: float, rng: np.random.Generator) -> tu
     return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / (h * w)
 
 
-def sample_mixtoken(batch: int, grid: tuple[int, int], alpha: float = 1.0,
-                    rng: np.random.Generator | None = None) -> MixInfo:
-    """A MixToken draw: lam ~ Beta(alpha, alpha), a token box from it, the flipped-batch partner."""
+def sample_mixtoken(grid: tuple[int, int], alpha: float = 1.0, rng: np.random.Generator | None = None) -> MixInfo:
+    """A MixToken draw: lam ~ Beta(alpha, alpha) and a token box from it."""
     rng = rng or np.random.default_rng()
     box, lam = token_box(grid, float(rng.beta(alpha, alpha)), rng)
-    return MixInfo("mixtoken", lam, box, flip_perm(batch), tuple(grid))
+    return MixInfo("mixtoken", lam, box, tuple(grid))
 
 
 def mix_tokens(x: torch.Tensor, info: MixInfo, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -82,7 +72,7 @@ def mix_tokens(x: torch.Tensor, info: MixInfo, num_prefix_tokens: int = 0) -> to
     if info.box is None:
         return x
     patches = x[:, num_prefix_tokens:].unflatten(1, info.grid).movedim(-1, 1)
-    mixed = _paste(patches, info.perm, info.box).movedim(1, -1).flatten(1, 2)
+    mixed = _paste(patches, info.box).movedim(1, -1).flatten(1, 2)
     return torch.cat([x[:, :num_prefix_tokens], mixed], dim=1)
 
 
@@ -127,21 +117,21 @@ def mixtoken_forward(dense: Callable[[torch.Tensor], tuple[torch.Tensor, torch.T
     return cls, mix_tokens(tokens, info)
 
 
-def _paste(x: torch.Tensor | HardTokens, perm: torch.Tensor, box: Box, scale: int = 1) -> torch.Tensor | HardTokens:
+def _paste(x: torch.Tensor | HardTokens, box: Box, scale: int = 1) -> torch.Tensor | HardTokens:
     """A copy of x [B, ..., H, W] (or of HardTokens' ids and weights) with each sample's box (scaled by `scale`)
     taken from its partner."""
     if isinstance(x, HardTokens):
-        return x.map(lambda t: _paste(t, perm, box, scale))
+        return x.map(lambda t: _paste(t, box, scale))
     top, bottom, left, right = (v * scale for v in box)
     out = x.clone()
-    out[..., top:bottom, left:right] = x[..., top:bottom, left:right][perm.to(x.device)]
+    out[..., top:bottom, left:right] = x[..., top:bottom, left:right].flip(0)
     return out
 
 
-def _blend(x: torch.Tensor | HardTokens, perm: torch.Tensor, lam: float) -> torch.Tensor | HardTokens:
+def _blend(x: torch.Tensor | HardTokens, lam: float) -> torch.Tensor | HardTokens:
     if isinstance(x, HardTokens):
-        return x.blend(perm, lam)
-    return x * lam + x[perm.to(x.device)] * (1 - lam)
+        return x.blend(lam)
+    return torch.lerp(x.flip(0), x, lam)
 
 
 def _patch_size(image_hw: tuple[int, int], grid: tuple[int, int]) -> int:
@@ -167,16 +157,15 @@ def apply_mix(info: MixInfo, images: torch.Tensor, class_targets: torch.Tensor,
     """
     if info.mode == "none":
         return images, class_targets, token_targets, valid
-    perm = info.perm
-    class_targets = _blend(class_targets, perm, info.lam)
+    class_targets = _blend(class_targets, info.lam)
     if info.mode == "mixup":
-        images = _blend(images, perm, info.lam)
-        token_targets = None if token_targets is None else _blend(token_targets, perm, info.lam)
-        valid = None if valid is None else valid & valid[perm.to(valid.device)]
+        images = _blend(images, info.lam)
+        token_targets = None if token_targets is None else _blend(token_targets, info.lam)
+        valid = None if valid is None else valid & valid.flip(0)
     elif info.mode == "cutmix":
-        images = _paste(images, perm, info.box, _patch_size(images.shape[-2:], info.grid))
-        token_targets = None if token_targets is None else _paste(token_targets, perm, info.box)
-        valid = None if valid is None else _paste(valid, perm, info.box)
+        images = _paste(images, info.box, _patch_size(images.shape[-2:], info.grid))
+        token_targets = None if token_targets is None else _paste(token_targets, info.box)
+        valid = None if valid is None else _paste(valid, info.box)
     return images, class_targets, token_targets, valid
 
 
@@ -194,21 +183,20 @@ class Mixer:
         self.prob, self.switch_prob = prob, switch_prob
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, batch: int) -> MixInfo:
-        """Draw this batch's mode, lam and box."""
-        perm = flip_perm(batch)
+    def sample(self) -> MixInfo:
+        """Draw a batch's mode, lam and box."""
         on = self.mixup_alpha > 0 or self.cutmix_alpha > 0
         if not on or self.rng.random() >= self.prob:
-            return MixInfo("none", 1.0, None, perm, self.grid)
+            return MixInfo("none", 1.0, None, self.grid)
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or self.rng.random() < self.switch_prob)
         if use_cutmix:
             box, lam = token_box(self.grid, float(self.rng.beta(self.cutmix_alpha, self.cutmix_alpha)), self.rng)
-            return MixInfo("cutmix", lam, box, perm, self.grid)
-        return MixInfo("mixup", float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)), None, perm, self.grid)
+            return MixInfo("cutmix", lam, box, self.grid)
+        return MixInfo("mixup", float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)), None, self.grid)
 
     def __call__(self, images: torch.Tensor, class_targets: torch.Tensor, token_targets: Tokens | None = None,
                  valid: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, Tokens | None, torch.Tensor | None, MixInfo]:
         """Sample and apply: (images, class_targets, token_targets, valid, info)."""
-        info = self.sample(images.shape[0])
+        info = self.sample()
         return *apply_mix(info, images, class_targets, token_targets, valid), info

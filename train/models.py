@@ -142,15 +142,21 @@ class DenseStudent(Student):
         if not isinstance(getattr(model, "patch_embed", None), nn.Module):
             raise UserError(f"{type(model).__name__} has forward_dense but no patch_embed module; "
                             f"students need one for MixToken and the token grid")
-        self.stride = _embed_stride(model.patch_embed, self.img_size)
+        self.stride = _embed_stride(model.patch_embed, _design_size(model))
 
     def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cls, tokens, _ = self.model.forward_dense(x)
         return cls, tokens
 
 
+def _design_size(model: nn.Module) -> tuple[int, int]:
+    """The input size a timm model was configured for (its pretrained_cfg; 224 without one): a multiple of its stride."""
+    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:])
+
+
 def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
-    """Pixels per token of a [B, N, C] / (tokens, (H, W)) patch embedding, from a shape-only run on the meta device."""
+    """Pixels per token of a [B, N, C] / (tokens, (H, W)) patch embedding, from a shape-only run on the meta device
+    at `img_size`, a size it tiles exactly (at another, padded convolutions round the grid and the ratio lies)."""
     probe = copy.deepcopy(patch_embed).to("meta")
     in_chans = next(m for m in probe.modules() if isinstance(m, nn.Conv2d)).in_channels
     out = probe(torch.empty(1, in_chans, *img_size, device="meta"))

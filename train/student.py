@@ -27,7 +27,7 @@ from train.augment import INTERPOLATIONS, LabelAwareTransform
 from train.data import AUGMENT_ON, StudentData, resolve_labels
 from train.eval import EVAL_JSON
 from train.models import build_student
-from train.objective import MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
+from train.objective import COMPILE_MODES, MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
 from train.targets import TOKEN_TARGET_KINDS
 
 DEFAULTS = {"batch-size": 64, "lr-base": 5e-4, "min-lr": 1e-5, "warmup-epochs": 1, "weight-decay": 0.05,
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--switch-prob", type=float, default=0.5, help="with --mix both: share of CutMix batches")
     a("--tl-align", choices=TL_ALIGN_MODES, default="off",
       help="TL-Align: paper (source-image labels, class target) or dense (the token maps, both targets)")
+    a("--compile", nargs="?", const="default", choices=list(COMPILE_MODES), metavar="MODE",
+      help="torch.compile the label path, the loss and the student's forward (not under MixToken draws or TL-Align, "
+           "which hook into the model); MODE: default, reduce-overhead (CUDA graphs), max-autotune, or aot_eager "
+           "(graph capture without code generation: a quick check). Off unless given: on CPU it did not pay")
     a("--final-corruptions", nargs="*", default=list(CORRUPTIONS),
       help="ImageNet-C corruptions of the final evaluation (severities 1, 3, 5); none or no name: clean only")
     return p
@@ -90,13 +94,13 @@ class Run(Trainer):
     kind = "student"
     # flags that may differ between a run and its resumption without changing what it computes
     resume_free = ("labels", "shards", "online_labeler", "out", "resume", "stop_after", "workers", "device",
-                   "final_corruptions", "log_interval")
+                   "final_corruptions", "log_interval", "compile")
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         a = args
-        token_labels = not a.no_token_labels
+        token_labels = self.dense_head_trained = not a.no_token_labels
         self.shards, store = resolve_labels(a.labels, token_labels and a.online_labeler is None, a.shards)
         manifest = load_manifest(self.shards)
         manifest.split("val")  # refuse a dataset without a val split now, not after training
@@ -135,7 +139,7 @@ class Run(Trainer):
                          mix_prob=a.mix_prob, switch_prob=a.switch_prob, tl_align=a.tl_align, seed=a.seed,
                          rank=self.rank)
         self.objective = StudentObjective(cfg, self.student, self.module, self.device, labeler=self.labeler,
-                                          amp_dtype=self.optim.amp_dtype)
+                                          amp_dtype=self.optim.amp_dtype, compile=a.compile)
 
     def loader(self) -> Iterable[dict[str, Any]]:
         """This epoch's training batches; with --augment-on device, augmented on the device as they come."""
@@ -150,8 +154,8 @@ class Run(Trainer):
             return
         results["checkpoint"] = str(a.out / "last.pt")
         (a.out / EVAL_JSON).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"{a.out / EVAL_JSON}: top1 {results['top1']:.2f}, top1_combined {results['top1_combined']:.2f}"
-              + (f", corrupt_acc {results['corrupt_acc']:.2f}" if "corrupt_acc" in results else ""), flush=True)
+        print(f"{a.out / EVAL_JSON}: " + ", ".join(f"{key} {results[key]:.2f}" for key in
+                                                   ("top1", "top1_combined", "corrupt_acc") if key in results), flush=True)
 
 
 @cli

@@ -86,11 +86,10 @@ class HardTokens:
         """The same targets with `fn` applied to index and weight alike (box pasting, flattening)."""
         return HardTokens(fn(self.index), fn(self.weight), self.num_classes, self.smoothing)
 
-    def blend(self, perm: torch.Tensor, lam: float) -> "HardTokens":
-        """lam x these + (1 - lam) x those of the samples `perm` (Mixup): the partners' ids join along M."""
-        perm = perm.to(self.index.device)
-        return HardTokens(torch.cat([self.index, self.index[perm]], 1),
-                          torch.cat([self.weight * lam, self.weight[perm] * (1 - lam)], 1),
+    def blend(self, lam: float) -> "HardTokens":
+        """lam x these + (1 - lam) x those of the batch flipped (Mixup's partners): their ids join along M."""
+        return HardTokens(torch.cat([self.index, self.index.flip(0)], 1),
+                          torch.cat([self.weight * lam, self.weight.flip(0) * (1 - lam)], 1),
                           self.num_classes, self.smoothing)
 
 
@@ -154,12 +153,13 @@ def stored_token_probs(scores: torch.Tensor, classes: torch.Tensor, mappings: to
 def stored_token_targets(scores: torch.Tensor, classes: torch.Tensor, mappings: torch.Tensor,
                          footprints: torch.Tensor, num_classes: int, img_size: int | tuple[int, int],
                          grid: tuple[int, int], *, kind: str = "gumbel", tau: float = 1.0, smoothing: float = 0.1,
-                         points: int = 2, mode: str = "nearest", generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor]:
-    """(targets, valid [B, h, w], pooled label [B, K]) from stored top-k maps, as stored_token_probs ->
+                         points: int = 2, mode: str = "nearest", generator: torch.Generator | None = None,
+                         pooled: bool = True) -> tuple[torch.Tensor | HardTokens, torch.Tensor, torch.Tensor | None]:
+    """(targets, valid [B, h, w], pooled label [B, K] or None) from stored top-k maps, as stored_token_probs ->
     token_targets would make them: soft targets [B, K, h, w], or for the hard kinds `HardTokens` drawn among each
     token's candidates, so that at no point a [B, K, h, w] tensor exists. The pooled label is the mean of the
-    valid tokens' distributions (all zeros for a sample without a valid token), for class_targets' blend.
+    valid tokens' distributions (all zeros for a sample without a valid token), for class_targets' blend; with
+    pooled=False it is not computed (None).
 
     kind "gumbel" races the token's candidates instead of its K classes: candidate i of class c runs with
     weight w_i p_c^(1/tau - 1) (w_i its share of p_c), so class c wins with probability proportional to
@@ -172,10 +172,13 @@ def stored_token_targets(scores: torch.Tensor, classes: torch.Tensor, mappings: 
     if kind == "softmax":
         token_probs, valid = stored_token_probs(scores, classes, mappings, footprints, num_classes, img_size, grid,
                                                 points=points, mode=mode)
-        return token_targets(token_probs, kind, tau, smoothing), valid, pooled_label(token_probs, valid)
+        return (token_targets(token_probs, kind, tau, smoothing), valid,
+                pooled_label(token_probs, valid) if pooled else None)
     cand, ids, count, valid = _candidates(scores, classes, mappings, footprints, img_size, grid, points, mode)
-    tokens = valid.flatten(1).sum(1, keepdim=True).clamp(min=1).to(cand.dtype)
-    pooled = cand.new_zeros(b, num_classes).scatter_add_(1, ids.flatten(1), (cand / count).flatten(1)) / tokens
+    mean = None
+    if pooled:
+        tokens = valid.flatten(1).sum(1, keepdim=True).clamp(min=1).to(cand.dtype)
+        mean = cand.new_zeros(b, num_classes).scatter_add_(1, ids.flatten(1), (cand / count).flatten(1)) / tokens
     if kind == "argmax" or tau != 1:
         # each candidate's class total p_c: summed over the token's candidates of the same class
         total = ((ids[:, :, None] == ids[:, None]) * cand[:, None]).sum(2)
@@ -187,7 +190,7 @@ def stored_token_targets(scores: torch.Tensor, classes: torch.Tensor, mappings: 
         race = torch.rand(cand.shape, generator=generator, dtype=cand.dtype, device=cand.device).log_().neg_()
         winner = ids.gather(1, _top(cand / race, keepdim=True))
     winner = torch.where(valid, winner.view(b, h, w), 0)
-    return HardTokens.of(winner, num_classes, smoothing), valid, pooled
+    return HardTokens.of(winner, num_classes, smoothing), valid, mean
 
 
 def pooled_label(token_probs: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,10 @@ labels on the fly. Outside the context the model has no hooks and runs as before
         logits = model(images)
     loss = soft_ce(logits, aligned.cls)
 
+Tokens without a label (`valid` False: outside the label map's footprint) enter with a zero row and carry no
+label: a mass column, 1 for labelled tokens, travels through the same products, and every traced row is divided
+by its mass at the end, so a label is what its token attended to among labelled content.
+
 Because the update does not depend on the labels, Y_L = P Y0 with P = prod_l (I + A_l) / 2.
 The aligner picks the cheaper order: "layer" (update Y per layer, ~T^2 K each) or "transport"
 (accumulate P, ~T^3 each, then one product), from T, K and the depth.
@@ -29,6 +33,7 @@ from timm.layers import Attention
 from timm.models.cait import ClassAttn
 from torch import nn
 
+from core.optim import full_precision
 from shards.errors import UserError
 
 ORDERS = ("auto", "layer", "transport")
@@ -79,7 +84,7 @@ def choose_order(tokens: int, classes: int, layers: int) -> str:
 def mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Head-mean of softmax(q k^T * scale) for q [B, H, Tq, d], k [B, H, T, d], in float32 or wider: [B, Tq, T]."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
+    with full_precision(q.device.type):
         return ((q.to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
 
 
@@ -193,12 +198,14 @@ class TokenLabelAligner:
             y0_cls: torch.Tensor | None,
             y0_tokens: torch.Tensor,
             order: str = "auto",
+            valid: torch.Tensor | None = None,
     ) -> Iterator[AlignedLabels]:
         """Trace labels through the one forward pass run inside the context; the result is filled in on exit.
 
         y0_tokens [B, N, K]: initial patch labels (each row a distribution). y0_cls [B, K] or None:
-        the initial label of the class token and any other prefix token, by default the patches' mean.
-        Both are detached and moved to the model's device; the results are float32 (or wider), without grad.
+        the initial label of the class token and any other prefix token, by default the (labelled) patches'
+        mean. valid [B, N] or None (all): which patches have a label; the others carry none (module docstring).
+        All are detached and moved to the model's device; the results are float32 (or wider), without grad.
         """
         if order not in ORDERS:
             raise UserError(f"TL-Align: order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -209,8 +216,15 @@ class TokenLabelAligner:
             dtype = torch.promote_types(y0_tokens.dtype, torch.float32)
             device = self.self_attns[0].qkv.weight.device
             tokens = y0_tokens.detach().to(device, dtype)
-            prefix = tokens.mean(1) if y0_cls is None else y0_cls.detach().to(device, dtype)
-            labels = torch.cat([prefix.unsqueeze(1).expand(B, self.num_prefix, K), tokens], dim=1)
+            if valid is not None:  # zero rows for unlabelled tokens, and the mass column
+                mass = valid.detach().to(device, dtype).unsqueeze(-1)
+                tokens = torch.cat([tokens * mass, mass], dim=-1)
+            if y0_cls is None:
+                prefix = tokens.mean(1)
+            else:
+                prefix = y0_cls.detach().to(device, dtype)
+                prefix = prefix if valid is None else torch.cat([prefix, prefix.new_ones(B, 1)], dim=-1)
+            labels = torch.cat([prefix.unsqueeze(1).expand(B, self.num_prefix, -1), tokens], dim=1)
         trace = _Trace(labels, self.skip, order, len(self.self_attns), len(self.cls_attns))
         result = AlignedLabels()
         handles = self._register(trace)
@@ -221,9 +235,11 @@ class TokenLabelAligner:
                 handle.remove()
         trace.check_done()
         trace.flush()
-        result.tokens = trace.labels[:, self.num_prefix:]
-        start = self.pool_start
-        result.cls = trace.labels[:, 0] if start is None else trace.labels[:, start:].mean(1)
+        start, labels = self.pool_start, trace.labels
+        result.tokens = labels[:, self.num_prefix:]
+        result.cls = labels[:, 0] if start is None else labels[:, start:].mean(1)
+        if valid is not None:
+            result.tokens, result.cls = _per_mass(result.tokens), _per_mass(result.cls)
 
     def _register(self, trace: _Trace) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
@@ -233,6 +249,12 @@ class TokenLabelAligner:
             handles.append(attn.q.register_forward_hook(lambda m, args, q: trace.class_query(q.detach())))
             handles.append(attn.k.register_forward_hook(_class_attention_hook(attn, trace)))
         return handles
+
+
+def _per_mass(rows: torch.Tensor) -> torch.Tensor:
+    """Labels [..., K] from traced rows [..., K + 1] (labels, then mass): labels / mass; 0 where the mass is 0
+    (a row that attended to no labelled token has all-zero labels too)."""
+    return rows[..., :-1] / rows[..., -1:].clamp(min=torch.finfo(rows.dtype).tiny)
 
 
 def _self_attention_hook(attn: Attention, trace: _Trace):
