@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         name, seed = key
         variant = dict(table_variants[name])
         labels = variant.pop("labels", None)
-        train(runner, runner.store(labels), out[key], model, epochs, seed,
+        train(runner.store(labels), out[key], model, epochs, seed,
               ["--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
                *flags({**shared, **variant})], threads)
 

@@ -28,6 +28,7 @@ import torch
 import zarr
 
 from core.checkpoint import save_checkpoint
+from core.eval_view import shifted
 from dump.dump_labels import dump
 from dump.dump_labels import main as dump_main
 from dump.render import fill_colour, labeler_input, normalise
@@ -41,6 +42,7 @@ from shards.reader import read_shard, split_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, TOPK = 4, 5  # shards of 6 images: batches of 4 + 2 (each cut from one shard), so partial batches are covered
+SHIFT = 3.5  # fan_demo_tiny_p8's stride-2 conv stem centres token c at 8c + 0.5 px: the view moves by 4 - 0.5
 ARRAYS = ("scores", "classes", "keys", "valid", "done")
 
 
@@ -117,8 +119,9 @@ def test_dump_equals_the_labeler_run_directly(reference, demo_shards, checkpoint
             samples = list(read_shard(demo_shards, "train", name))
             assert [s["index"] for s in samples] == list(range(start, stop)) and stop - start == count
             for b in range(0, count, BATCH):
-                pixels = np.stack([labeler_input(s["image"], footprint_box(store.footprint, *s["image"].size), 64,
-                                                 "bicubic", fill_colour(config["mean"])) for s in samples[b:b + BATCH]])
+                boxes = [shifted(footprint_box(store.footprint, *s["image"].size), SHIFT, 64) for s in samples[b:b + BATCH]]
+                pixels = np.stack([labeler_input(s["image"], box, 64, "bicubic", fill_colour(config["mean"]))
+                                   for s, box in zip(samples[b:b + BATCH], boxes)])
                 x = normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2), config["mean"], config["std"])
                 with torch.inference_mode():
                     _, tokens, (h, w) = model.forward_dense(x)
@@ -134,7 +137,7 @@ def test_dump_equals_the_labeler_run_directly(reference, demo_shards, checkpoint
     assert store.valid().all() and store.done().all() and attrs["complete"] and attrs["skipped"] == []
     assert (attrs["k"], attrs["grid"], attrs["num_classes"], attrs["value"]) == (TOPK, [8, 8], 10, "logits")
     assert attrs["labeler"]["sha256"] == meta["sha256"] and attrs["dataset"]["digest"] == manifest.digest("train")
-    assert attrs["footprint"] == make_footprint(64, 1.0, "bicubic")
+    assert attrs["footprint"] == make_footprint(64, 1.0, "bicubic", shift=SHIFT)
     assert attrs["producer"] == {"tool": "dump.dump_labels", "batch_size": BATCH, "device": "cpu", "precision": "fp32",
                                  "decode": "cpu", "threads_per_actor": 1}
     assert store.group["scores"].chunks == (6, TOPK, 8, 8) and store.group["classes"].dtype == np.int16
