@@ -41,16 +41,24 @@ class TrainSplit(ShardReader):
         self.transform.epoch = epoch
 
 
-def steps_per_epoch(data: ShardReader, batch_size: int, world: int, cap: int | None = None) -> int:
+def steps_per_epoch(data: ShardReader, batch_size: int, world: int, cap: int | None = None, workers: int = 0) -> int:
     """Full batches that every rank holds in every epoch: ranks must take equal steps.
 
-    Rank r reads shards r, r + world, ... of the epoch's shuffled order, so it holds at least the
-    len(shards) // world smallest shards, whatever the epoch.
+    Rank r reads shards r, r + world, ... of the epoch's shuffled order, and each of its DataLoader workers (at
+    most one per shard; none: the process itself) batches its own shards and drops its last partial batch. Two
+    bounds hold whatever the epoch: a worker dealt k shards holds at least the k smallest, and w workers lose
+    less than one batch each to their partial batches out of at least the rank's n smallest shards.
     """
     counts = sorted(count for _, count in data.manifest.shards(data.split))
-    smallest = sum(counts[: len(counts) // world])
-    steps = smallest // batch_size
+    least = []
+    for rank in range(world):
+        held = len(counts[rank::world])
+        streams = max(1, min(workers, held))
+        per_worker = sum(sum(counts[:len(range(w, held, streams))]) // batch_size for w in range(streams))
+        least.append(max(per_worker, sum(counts[:held]) // batch_size - (streams - 1)))
+    steps = min(least)
     if steps == 0:
-        raise UserError(f"{data.manifest.root}: a rank may hold only {smallest} {data.split} images "
-                        f"({len(counts)} shards over {world} rank(s)), fewer than --batch-size {batch_size}; lower it")
+        raise UserError(f"{data.manifest.root}: a rank or DataLoader worker may hold fewer {data.split} images than "
+                        f"--batch-size {batch_size} ({len(counts)} shards over {world} rank(s), --workers "
+                        f"{workers}); lower the batch size or the workers")
     return min(steps, cap) if cap else steps

@@ -51,7 +51,7 @@ class Trainer:
         self.model, self.train_data = model, data
         self.identity = {"model_name": model_name, "num_classes": num_classes, "img_size": img_size,
                          "model_kwargs": model_kwargs or {}}
-        self.steps = steps_per_epoch(data, a.batch_size, self.world, a.max_steps)
+        self.steps = steps_per_epoch(data, a.batch_size, self.world, a.max_steps, a.workers)
         if a.lr is None:  # DeiT's linear rule: --lr-base per 512 images of global batch
             a.lr = a.lr_base * a.batch_size * self.world / 512
         self.optim = Optimization(model, a, self.steps, self.device)
@@ -59,7 +59,7 @@ class Trainer:
 
     def loader(self) -> DataLoader:
         """This epoch's training batches; no more workers than this rank has shards (a worker reads whole shards)."""
-        workers = min(self.args.workers, len(self.train_data.rank_shards()))
+        workers = min(self.args.workers, len(self.train_data.rank_shards()))  # as steps_per_epoch counts them
         return DataLoader(self.train_data, batch_size=self.args.batch_size, num_workers=workers, drop_last=True,
                           collate_fn=self.train_data.collate, pin_memory=self.device.type == "cuda")
 

@@ -47,7 +47,8 @@ def test_every_eval_view_is_the_same_centre_square(crop_pct):
 
 
 def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
-    """Uneven shards (7, 7, 7, 7, 3): the step count holds for every rank of every epoch's shuffled deal."""
+    """Uneven shards (7, 7, 7, 7, 3): the step count holds for every rank of every epoch's shuffled deal, whether
+    the rank batches its samples itself or each DataLoader worker batches its own shards (and drops its rest)."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 31), ("val", 1)):
         for i in range(count):
@@ -60,6 +61,14 @@ def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
         least = min(len(at_epoch(tmp_path / "shards", rank, world, epoch))
                     for rank in range(world) for epoch in range(20))
         assert steps_per_epoch(data, batch, world) == least // batch, (world, batch)
+    for world, batch, workers in ((1, 4, 2), (1, 7, 2), (1, 3, 4), (2, 4, 2), (2, 3, 8)):
+        counts = [[sum(n for _, n in shards[w::min(workers, len(shards))]) for w in range(min(workers, len(shards)))]
+                  for shards in (at_epoch(tmp_path / "shards", rank, world, epoch).rank_shards()
+                                 for rank in range(world) for epoch in range(20))]
+        least = min(sum(n // batch for n in per_worker) for per_worker in counts)
+        assert 0 < steps_per_epoch(data, batch, world, workers=workers) <= least, (world, batch, workers)
+    # 5 shards on 2 workers: 3 and 2 shards, at least 3 + 7 + 7 and 3 + 7 images: 17 // 4 + 10 // 4 batches
+    assert steps_per_epoch(data, 4, 1, workers=2) == 6
     assert steps_per_epoch(data, 4, 1, cap=2) == 2
 
 
