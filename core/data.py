@@ -58,7 +58,7 @@ def steps_per_epoch(data: ShardReader, batch_size: int, world: int, cap: int | N
         least.append(max(per_worker, sum(counts[:held]) // batch_size - (streams - 1)))
     steps = min(least)
     if steps == 0:
-        raise UserError(f"{data.manifest.root}: a rank or DataLoader worker may hold fewer {data.split} images than "
-                        f"--batch-size {batch_size} ({len(counts)} shards over {world} rank(s), --workers "
-                        f"{workers}); lower the batch size or the workers")
+        raise UserError(f"{data.manifest.root}: {len(counts)} {data.split} shards over {world} rank(s) and "
+                        f"--workers {workers} leave a rank or worker with no full batch: fewer than --batch-size "
+                        f"{batch_size} images; lower the batch size or the workers")
     return min(steps, cap) if cap else steps

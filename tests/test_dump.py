@@ -83,7 +83,7 @@ def start_cli_dump(ray_cluster, argv: list[str]) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, timeout: float = 180.0, what: str = "condition") -> None:
+def wait_for(condition, timeout: float = 600.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
