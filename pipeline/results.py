@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         variant = table_variants[name]
         labels = "-" if variant.get("no-token-labels") else variant.get("labels", pipeline.labelers[0].name)
         other = quality.get(labels, {}).get("label_other_acc")
+        combined = [r["top1_combined"] for r in results if "top1_combined" in r]  # none without a dense head
         rows.append(f"| {name} | {labels} | {'-' if other is None else f'{other:.1f}'} | "
-                    f"{mean_spread([r['top1'] for r in results])} | {mean_spread([r['top1_combined'] for r in results if 'top1_combined' in r])}"
-                    f" | {mean_spread([r['corrupt_acc'] for r in results])} | {min(r['first'] for r in results):.1f} | "
+                    f"{mean_spread([r['top1'] for r in results])} | {mean_spread(combined)} | "
+                    f"{mean_spread([r['corrupt_acc'] for r in results])} | {min(r['first'] for r in results):.1f} | "
                     f"{mean_spread([r['time'] for r in results])} |")
         seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")
     table = "\n".join([
