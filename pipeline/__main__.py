@@ -53,7 +53,7 @@ class Runner:
 
     def store(self, labeler: str | None = None) -> Path:
         """The store of a labeler (default: the first, the students' default)."""
-        return self.shards / "labels" / f"{labeler or self.p.labelers[0].name}.zarr"
+        return self.shards / "labels" / f"{self.p.labeler_name(labeler)}.zarr"
 
     def stage(self, name: str, ident: str, outputs: list[Path], commands: list[list[str]], fresh: list[Path]) -> str:
         """Run a stage's commands unless its record matches `ident`; on a changed configuration clear `fresh` first."""
@@ -125,7 +125,7 @@ class Runner:
         for s in p.students:
             out = self.runs / s.name
             extra = [] if s.token_labels else ["--no-token-labels"]
-            dump_id = self.dump_ids[s.labels or p.labelers[0].name]
+            dump_id = self.dump_ids[p.labeler_name(s.labels)]
             self.stage(f"student-{s.name}", identity(asdict(s), dump_id), [out / "last.pt"], [self.module(
                 "train.student", "--labels", str(self.store(s.labels)), "--model", s.model, "--epochs", str(s.epochs),
                 "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out])
@@ -176,7 +176,7 @@ class Runner:
         for s in self.p.students:
             ev = read_json(self.runs / s.name / "eval.json")
             seconds = sum(m.get("time", 0) for m in read_jsonl(self.runs / s.name / "metrics.jsonl"))
-            labels = (s.labels or self.p.labelers[0].name) if s.token_labels else "no"
+            labels = self.p.labeler_name(s.labels) if s.token_labels else "no"
             lines.append(f"| {s.name} | {s.model} | {labels} | {fmt(ev.get('top1'))} | "
                          f"{fmt(ev.get('top1_combined'))} | {fmt(ev.get('corrupt_acc'))} | {fmt(ev.get('mce'))} | "
                          f"{seconds:.0f} |")

@@ -72,6 +72,10 @@ class Pipeline:
     pictures: Pictures = field(default_factory=Pictures)
     description: str = ""
 
+    def labeler_name(self, labels: str | None) -> str:
+        """The labeler a student's or variant's `labels` names: the first one unless it names another."""
+        return labels or self.labelers[0].name
+
 
 def build(cls: type, value: Any, where: str) -> Any:
     """Check `value` against the dataclass or type `cls`, naming the offending key in the error."""

@@ -10,6 +10,7 @@ epochs, args) plus the variant's flags, reading the store of the variant's label
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -20,12 +21,14 @@ from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl
 from pipeline.config import check_pipeline, load_pipelines
 from shards.errors import UserError, cli
 
+BASELINE = "no token labels"
+
 
 def variants(labelers: list[str]) -> dict[str, dict]:
     """Variant name -> the flags it adds ("labels": the labeler whose store it reads, default the first)."""
     first = labelers[0]
     return {
-        "no token labels": {"no-token-labels": True},
+        BASELINE: {"no-token-labels": True},
         **{f"token labels from {name} (Gumbel)": {"labels": name} for name in labelers},
         f"{first}, softmax targets": {"target": "softmax"},
         f"{first}, argmax targets": {"target": "argmax"},
@@ -36,6 +39,21 @@ def variants(labelers: list[str]) -> dict[str, dict]:
                                                            "tl-align": "paper"},
         f"{first}, TL-Align dense form (CutMix)": {"mix": "cutmix", "tl-align": "dense"},
     }
+
+
+def read_run(folder: Path) -> dict:
+    """A finished run's eval.json, with its training seconds (`time`) and top-1 after epoch 1 (`first`)."""
+    ev = read_json(folder / "eval.json")
+    epochs_run = read_jsonl(folder / "metrics.jsonl")
+    return {**ev, "time": sum(m["time"] for m in epochs_run), "first": epochs_run[0]["top1"]}
+
+
+def paired_gain(results: list[dict], baseline: list[dict], key: str) -> str:
+    """Mean ± sd of `key`'s per-seed differences to the baseline, marked `> 2 sd` when the mean exceeds twice the sd."""
+    gains = [r[key] - b[key] for r, b in zip(results, baseline)]
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    mean = statistics.mean(gains)
+    return f"{mean:+.2f} ± {spread:.2f}" + (" (> 2 sd)" if len(gains) > 1 and mean > 2 * spread else "")
 
 
 def slug(name: str) -> str:
@@ -113,34 +131,33 @@ def main(argv: list[str] | None = None) -> None:
         list(pool.map(run, out))
     rows, seed_rows = [], []
     quality = {lab.name: read_json(runner.runs / lab.name / "quality.json") for lab in pipeline.labelers}
-    for name in names:
-        results = []
-        for seed in args.seeds:
-            ev = read_json(out[name, seed] / "eval.json")
-            epochs_run = read_jsonl(out[name, seed] / "metrics.jsonl")
-            ev["time"] = sum(m["time"] for m in epochs_run)
-            ev["first"] = epochs_run[0]["top1"]
-            results.append(ev)
+    by_variant = {name: [read_run(out[name, seed]) for seed in args.seeds] for name in names}
+    baseline = by_variant.get(BASELINE)
+    for name, results in by_variant.items():
         variant = table_variants[name]
-        labels = "-" if variant.get("no-token-labels") else variant.get("labels", pipeline.labelers[0].name)
+        labels = "-" if variant.get("no-token-labels") else pipeline.labeler_name(variant.get("labels"))
         other = quality.get(labels, {}).get("label_other_acc")
         combined = [r["top1_combined"] for r in results if "top1_combined" in r]  # none without a dense head
         rows.append(f"| {name} | {labels} | {'-' if other is None else f'{other:.1f}'} | "
                     f"{mean_spread([r['top1'] for r in results])} | {mean_spread(combined)} | "
                     f"{mean_spread([r['corrupt_acc'] for r in results])} | {min(r['first'] for r in results):.1f} | "
                     f"{mean_spread([r['time'] for r in results])} |")
-        seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + " |")
+        gains = [paired_gain(results, baseline, key) if baseline and name != BASELINE else "-"
+                 for key in ("top1", "corrupt_acc")]
+        seed_rows.append(f"| {name} | " + " | ".join(f"{r['top1']:.2f}" for r in results) + f" | {' | '.join(gains)} |")
     table = "\n".join([
         f"Student `{model}` {json.dumps(shared)}, {epochs} epochs, seeds {args.seeds}, {args.jobs} run(s) at a "
         f"time; corruptions {', '.join(args.corruptions)} at severities 1, 3, 5. Labelers: "
         + ", ".join(f"{lab.name} (`{lab.model}`)" for lab in pipeline.labelers) + ". Command: "
-        f"`python -m pipeline.results --pipeline {args.pipeline} --seeds {' '.join(map(str, args.seeds))} "
-        f"--epochs {epochs} --jobs {args.jobs}`.", "",
+        f"`python -m pipeline.results {shlex.join(sys.argv[1:] if argv is None else argv)}`.", "",
         "| variant | token labels from | their other-object cells right (%) | top-1 (class head) | top-1 (combined) "
         "| corrupted-val acc | top-1 after epoch 1 (lowest seed) | train s |",
-        "|---|---|---|---|---|---|---|---|", *rows, "", "Top-1 (class head) of each seed:", "",
-        "| variant | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " |",
-        "|---|" + "---|" * len(args.seeds), *seed_rows])
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "Top-1 (class head) of each seed, and each variant's gain over the baseline of the same seed (mean ± sd of "
+        "the paired differences; `> 2 sd` marks a mean gain above twice their spread):", "",
+        "| variant | " + " | ".join(f"seed {seed}" for seed in args.seeds)
+        + f" | gain over {BASELINE}, paired by seed: top-1 | corrupted-val acc |",
+        "|---|" + "---|" * (len(args.seeds) + 2), *seed_rows])
     begin, end = f"<!-- results{args.name}:begin -->", f"<!-- results{args.name}:end -->"
     text = args.out.read_text() if args.out.is_file() else "# Results\n"
     text = text if begin in text else f"{text.rstrip()}\n\n{begin}\n{end}\n"

@@ -1,6 +1,7 @@
 """pipelines.yaml: validation with one clear line, and the demo-quick pipeline end to end (skip and redo)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -104,9 +105,14 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
                             capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = [line for line in table.read_text().splitlines() if line.startswith(("| no token", "| token labels"))]
-    rows, per_seed = [line for line in lines if "±" in line], [line for line in lines if "±" not in line]
-    assert len(rows) == 2 and [row.count("±") for row in rows] == [3, 4]  # no combined score: untrained dense head
-    assert len(per_seed) == 2 and all(len(row.split("|")) == 5 for row in per_seed)  # a top-1 per seed
+    rows, per_seed = lines[:2], lines[2:]  # the table of means, then the table of seeds
+    assert [row.count("±") for row in rows] == [3, 4]  # no combined score: untrained dense head
+    # a top-1 per seed, then the gains over the baseline of the same seed (clean, corrupted)
+    assert len(per_seed) == 2 and all(len(row.split("|")) == 7 for row in per_seed)
+    assert per_seed[0].split("|")[4:6] == [" - ", " - "] and per_seed[1].split("|")[4].count("±") == 1
+    top1 = [[float(cell) for cell in row.split("|")[2:4]] for row in per_seed]
+    gain = statistics.mean(t - b for t, b in zip(top1[1], top1[0]))
+    assert abs(float(per_seed[1].split("|")[4].split("±")[0]) - gain) < 0.02  # the cells are rounded to 0.01
     assert rows[0].split("|")[2].strip() == "-" and rows[1].split("|")[2].strip() == "cnn"
     assert 0 <= float(rows[1].split("|")[3]) <= 100  # the cnn store's other-object cells right
     assert len(list((runs / "results").glob("*/seed1/eval.json"))) == 2
