@@ -35,6 +35,7 @@ def variants(labelers: list[str]) -> dict[str, dict]:
         f"{first}, crop-level label as half the class target (--map-weight 0.5)": {"map-weight": 0.5},
         f"{first}, CutMix with mixed maps": {"mix": "cutmix"},
         f"{first}, MixToken": {"mix": "mixtoken"},
+        "CutMix, no token labels": {"no-token-labels": True, "mix": "cutmix"},
         "TL-Align, paper form (CutMix, no token labels)": {"no-token-labels": True, "mix": "cutmix",
                                                            "tl-align": "paper"},
         f"{first}, TL-Align dense form (CutMix)": {"mix": "cutmix", "tl-align": "dense"},
