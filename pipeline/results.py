@@ -52,8 +52,7 @@ def read_run(folder: Path) -> dict:
 def paired_gain(results: list[dict], baseline: list[dict], key: str) -> str:
     """Mean ± sd of `key`'s per-seed differences to the baseline, marked `> 2 sd` when the mean exceeds twice the sd."""
     gains = [r[key] - b[key] for r, b in zip(results, baseline)]
-    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-    mean = statistics.mean(gains)
+    mean, spread = mean_sd(gains)
     return f"{mean:+.2f} ± {spread:.2f}" + (" (> 2 sd)" if len(gains) > 1 and mean > 2 * spread else "")
 
 
@@ -61,11 +60,16 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_spread(values: list[float]) -> str:
     if not values:
         return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+    mean, spread = mean_sd(values)
+    return f"{mean:.2f} ± {spread:.2f}"
 
 
 def train(store: Path, out: Path, model: str, epochs: int, seed: int, flag_args: list[str], threads: int) -> None:
