@@ -321,6 +321,14 @@ def test_compile_with_inductor_trains_as_eager(dataset, tmp_path):
                                                           "--drop-path", "0"])
 
 
+def test_without_a_store_the_input_size_is_the_models_own(dataset, tmp_path):
+    """A baseline on a dataset folder reads no store: the demo FAN trains at its configured 64 px (not 224, which
+    would silently upsample the demo's 64 px images), a timm ViT at its 224."""
+    root, _ = dataset
+    assert make_run(*argv(root, tmp_path / "fan", "--no-token-labels")).img_size == 64
+    assert make_run(*argv(root, tmp_path / "vit", "--no-token-labels", "--model", "vit_tiny_patch16_224")).img_size == 224
+
+
 def test_a_run_without_token_labels_reports_nothing_of_its_untrained_dense_head(dataset, tmp_path):
     """--no-token-labels trains no loss through the per-token head: its checkpoint says so, and neither the
     per-epoch records, eval.json nor train.eval report a score read from its token logits (top1_combined would

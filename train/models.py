@@ -166,6 +166,12 @@ def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[in
     return img_size[0] // H, img_size[1] // W
 
 
+def model_input_size(name: str) -> int:
+    """The input side timm model `name` is configured for (64 for the demo FANs); 224 for a name timm does not know."""
+    size = timm.models.get_pretrained_cfg_value(name, "input_size") if timm.is_model(name) else None
+    return size[-1] if size else 224
+
+
 def build_student(name: str, num_classes: int, img_size: int | tuple[int, int], **kwargs) -> Student:
     """Create timm model `name` for num_classes and img_size (kwargs such as drop_path_rate, patch_size go to timm)."""
     if not timm.is_model(name):

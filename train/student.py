@@ -26,7 +26,7 @@ from shards.manifest import load_manifest
 from train.augment import INTERPOLATIONS, LabelAwareTransform
 from train.data import AUGMENT_ON, StudentData, resolve_labels
 from train.eval import EVAL_JSON
-from train.models import build_student
+from train.models import build_student, model_input_size
 from train.objective import COMPILE_MODES, MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
 from train.targets import TOKEN_TARGET_KINDS
 
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-token-labels", action="store_true", help="baseline: class loss only, everything else equal")
     a("--online-labeler", type=Path, help="labeler checkpoint run inside the loop on the clean view (STL's online "
                                           "teacher) instead of the store")
-    a("--img-size", type=int, help="input side (default: the store's or online labeler's input size, else 224)")
+    a("--img-size", type=int, help="input side (default: the store's or online labeler's input size, else the "
+                                    "model's own: 64 for the demo models)")
     a("--patch-size", type=int, help="ViT/DeiT patch size override")
     a("--interpolation", choices=INTERPOLATIONS, default="bicubic", help="resampling of the train view "
                                                                          "(random: bilinear or bicubic per sample)")
@@ -116,7 +117,7 @@ class Run(Trainer):
             labeler_input, store = meta["img_size"], None
         if store is not None:
             store_input = open_store(store).footprint.get("input_size")
-        self.img_size = a.img_size or store_input or labeler_input or 224
+        self.img_size = a.img_size or store_input or labeler_input or model_input_size(a.model)
         model_kwargs = {"drop_path_rate": a.drop_path}
         if a.patch_size:
             model_kwargs["patch_size"] = a.patch_size
