@@ -1,4 +1,5 @@
-"""Picture one sample's token labels: `python -m dump.show STORE --key KEY --out PNG [--shards DIR]`.
+"""Picture one sample's token labels: `python -m dump.show STORE --key KEY --out PNG [--shards DIR]`
+(or `--first N --out FOLDER`: the store's first N labelled samples, one PNG each).
 
 Three panels, as in the STL paper's figure 2: the original image (with the map's footprint outlined when it
 is not the whole image), the top-1 class of every token over the image (one colour per class, legend with the
@@ -101,12 +102,21 @@ def show(store_path: Path, key: str, out: Path, shards: Path | None = None) -> N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", type=Path, help="label store (a .zarr folder)")
-    parser.add_argument("--key", required=True, help="sample key, e.g. 3/train_000012")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", help="sample key, e.g. 3/train_000012")
+    which.add_argument("--first", type=int, help="the store's first N labelled samples instead (--out is a folder)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write (with --first: a folder of PNGs)")
     parser.add_argument("--shards", type=Path, default=None, help=SHARDS_HELP)
     args = parser.parse_args(argv)
-    show(args.store, args.key, args.out, args.shards)
-    print(f"wrote {args.out}")
+    if args.key is not None:
+        pictures = {args.key: args.out}
+    else:
+        store = open_store(args.store)
+        keys = store.keys[store.valid().astype(bool)][: args.first].tolist()
+        pictures = {key: args.out / f"{key.replace('/', '_')}.png" for key in keys}
+    for key, out in pictures.items():
+        show(args.store, key, out, args.shards)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,31 @@
 """Run a named pipeline of pipelines.yaml end to end: `python -m pipeline demo`.
 
-Each stage runs its own command (the same ones a user types) in a subprocess. A stage is skipped when its
-record under <runs>/stages/ says it finished with the same configuration (its own and that of every stage it
-reads from); it is redone when the configuration changed. A run killed at any point resumes: finished stages
+Each stage runs its own command (the same ones a user types) in a subprocess. With `jobs` > 1 (pipelines.yaml or
+--jobs) a stage starts as soon as the stages it reads from are done, up to `jobs` side by side, each with its share
+of the cores and its output in <runs>/stages/NAME.log: two labelers or two students of a small model, which one
+process cannot keep busy on 2 cores, run together. A stage is skipped when its record under <runs>/stages/ says
+it finished with the same configuration (its own and that of every stage it reads from); it is redone when the
+configuration changed. A run killed at any point resumes: finished stages
 are skipped, the interrupted one resumes from its own checkpoint or completion flags.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Pipeline, check_pipeline, load_pipelines
 from shards.errors import UserError, cli
 from shards.manifest import load_manifest
-from shards.reader import split_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,124 +47,184 @@ def identity(config: Any, *upstream: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass
+class Stage:
+    """One step of a pipeline: its commands, what it makes, and the stages whose outputs it reads."""
+
+    name: str
+    ident: str                        # its configuration and that of everything upstream
+    outputs: list[Path]
+    commands: list[list[str]]
+    fresh: list[Path]                 # cleared first when the configuration changed
+    after: tuple[str, ...] = ()
+
+
 class Runner:
     def __init__(self, pipeline: Pipeline, python: str = sys.executable):
         self.p, self.python = pipeline, python
         self.runs = ROOT / pipeline.runs
         self.records = self.runs / "stages"
         self.shards = ROOT / pipeline.dataset.out
-        self.summary: list[tuple[str, str, float]] = []
-        self.dump_ids: dict[str, str] = {}  # labeler name -> identity of its dump stage
+        self.summary: dict[str, tuple[str, float]] = {}  # stage name -> (status, seconds)
+        self.idents: dict[str, str] = {}  # stage name -> identity
 
     def store(self, labeler: str | None = None) -> Path:
         """The store of a labeler (default: the first, the students' default)."""
         return self.shards / "labels" / f"{self.p.labeler_name(labeler)}.zarr"
 
-    def stage(self, name: str, ident: str, outputs: list[Path], commands: list[list[str]], fresh: list[Path]) -> str:
-        """Run a stage's commands unless its record matches `ident`; on a changed configuration clear `fresh` first."""
-        record_path = self.records / f"{name}.json"
+    def add(self, stages: list[Stage], name: str, config: Any, outputs: list[Path], commands: list[list[str]],
+            fresh: list[Path], after: tuple[str, ...] = ()) -> None:
+        """Plan a stage whose identity is its configuration and the identities of the stages it reads from."""
+        ident = identity(config, *(self.idents[a] for a in after))
+        self.idents[name] = ident
+        stages.append(Stage(name, ident, outputs, commands, fresh, after))
+
+    def run_stage(self, stage: Stage, threads: int | None) -> None:
+        """Run a stage's commands unless its record matches its identity; on a changed configuration clear its
+        `fresh` paths first. With `threads` (stages run side by side) its output goes to a log file and each of
+        its commands gets that many torch threads."""
+        record_path = self.records / f"{stage.name}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if record and record["identity"] == ident and all(p.exists() for p in outputs):
-            self.summary.append((name, "skipped (up to date)", record["seconds"]))
-            return ident
-        marker = self.records / f"{name}.started"  # identity of the last run begun: same = resume, else redo
-        if marker.is_file() and marker.read_text() != ident:
-            for path in fresh:
+        if record and record["identity"] == stage.ident and all(p.exists() for p in stage.outputs):
+            self.summary[stage.name] = ("skipped (up to date)", record["seconds"])
+            return
+        marker = self.records / f"{stage.name}.started"  # identity of the last run begun: same = resume, else redo
+        if marker.is_file() and marker.read_text() != stage.ident:
+            for path in stage.fresh:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
-        marker.write_text(ident)
-        print(f"\n== {self.p.name}: {name}", flush=True)
+        marker.write_text(stage.ident)
+        log = self.records / f"{stage.name}.log"
+        shown_log = log.relative_to(ROOT) if log.is_relative_to(ROOT) else log
+        print(f"\n== {self.p.name}: {stage.name}" + (f" (output: {shown_log})" if threads else ""), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))} if threads else None
         started = time.time()
-        for command in commands:
-            print("$ " + " ".join(command[1:] if command[0] == self.python else command), flush=True)
-            result = subprocess.run(command, cwd=ROOT)
-            if result.returncode != 0:
-                raise UserError(f"stage '{name}' failed (exit {result.returncode}); fix the cause and run the same "
-                                "command again to resume")
+        with open(log, "w") if threads else contextlib.nullcontext() as out:
+            for command in stage.commands:
+                shown = "$ " + " ".join(command[1:] if command[0] == self.python else command)
+                print(shown, file=out or sys.stdout, flush=True)
+                result = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=out and subprocess.STDOUT)
+                if result.returncode != 0:
+                    tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if threads else ""
+                    raise UserError(f"{tail}stage '{stage.name}' failed (exit {result.returncode})"
+                                    + (f", its output: {shown_log}" if threads else "")
+                                    + "; fix the cause and run the same command again to resume")
         seconds = time.time() - started
-        record_path.write_text(json.dumps({"identity": ident, "seconds": seconds}) + "\n")
-        self.summary.append((name, "done", seconds))
-        return ident
+        record_path.write_text(json.dumps({"identity": stage.ident, "seconds": seconds}) + "\n")
+        self.summary[stage.name] = ("done", seconds)
+        if threads:
+            print(f"== {self.p.name}: {stage.name} done in {seconds:.0f} s", flush=True)
+
+    def execute(self, stages: list[Stage], jobs: int = 1) -> None:
+        """Run the stages in order, or `jobs` at a time as soon as the stages they read from are done (each with
+        cores / jobs torch threads); after a failure no new stage starts and the first failure is raised."""
+        if jobs <= 1:
+            for stage in stages:
+                self.run_stage(stage, None)
+            return
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        pending, running, failure = list(stages), {}, None
+        finished = {name for name in self.summary}
+        with ThreadPoolExecutor(jobs) as pool:
+            while running or (pending and failure is None):
+                ready = [s for s in pending if set(s.after) <= finished][: jobs - len(running)]
+                for stage in ready:
+                    pending.remove(stage)
+                    running[pool.submit(self.run_stage, stage, threads)] = stage
+                if not running:
+                    raise RuntimeError(f"stages {[s.name for s in pending]} wait on stages not in the plan")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage = running.pop(future)
+                    if future.exception() is None:
+                        finished.add(stage.name)
+                    elif failure is None:
+                        failure = future.exception()
+        if failure is not None:
+            raise failure
 
     def module(self, name: str, *args: str, launcher: list[str] | None = None) -> list[str]:
         """`python -m NAME ARGS`, or the stage's launcher (e.g. torchrun ...) in place of python."""
         return [*(launcher or [self.python]), "-m", name, *args]
 
-    def run(self) -> None:
-        """Every stage in order, then the summary table."""
-        self.prepare()
-        self.train_students()
-        self.evaluate()
-        self.pictures()
-        print(self.table())
+    def run(self, jobs: int = 1) -> None:
+        """Every stage, then the summary table."""
+        started = time.time()
+        self.execute(self.preparation() + self.students() + self.evaluations() + self.pictures(), jobs)
+        print(self.table(time.time() - started, jobs))
 
-    def prepare(self) -> None:
-        """Dataset, then per labeler its training, dump and label-quality report: what the students read."""
-        p = self.p
+    def prepare(self, jobs: int = 1) -> None:
+        """Only what the students read: the dataset, the labelers, their dumps and label-quality reports."""
+        self.execute(self.preparation(), jobs)
+
+    def preparation(self) -> list[Stage]:
+        """Dataset, then per labeler its training, dump and label-quality report."""
+        p, stages = self.p, []
         d = p.dataset
         if d.demo is not None:
             command = self.module("shards.demo", "--out", d.out, "--overwrite", *flags(d.demo), *flags(d.args))
         else:
             command = self.module("shards.build", "--imagefolder", d.imagefolder, "--out", d.out, "--overwrite",
                                   *flags(d.args))
-        data_id = self.stage("dataset", identity(asdict(d)), [self.shards / "manifest.json"], [command], [])
+        self.add(stages, "dataset", asdict(d), [self.shards / "manifest.json"], [command], [])
+        masks = d.demo is not None or (self.shards / "manifest.json").is_file() and load_manifest(self.shards).has_masks
         for lab in p.labelers:
             lab_dir = self.runs / lab.name
-            lab_id = self.stage(f"labeler-{lab.name}", identity({**asdict(lab), "dump": None}, data_id),
-                                [lab_dir / "last.pt"], [self.module(
-                                    "labeler.train", "--shards", d.out, "--model", lab.model, "--epochs",
-                                    str(lab.epochs), "--out", str(lab_dir), *flags(lab.args), launcher=lab.launcher)],
-                                [lab_dir])
+            self.add(stages, f"labeler-{lab.name}", {**asdict(lab), "dump": None}, [lab_dir / "last.pt"],
+                     [self.module("labeler.train", "--shards", d.out, "--model", lab.model, "--epochs",
+                                  str(lab.epochs), "--out", str(lab_dir), *flags(lab.args), launcher=lab.launcher)],
+                     [lab_dir], after=("dataset",))
             dump_args = {"topk": lab.dump.topk, "input-size": lab.dump.input_size, **lab.dump.args}
             store = self.store(lab.name)
-            self.dump_ids[lab.name] = self.stage(f"dump-{lab.name}", identity(asdict(lab.dump), lab_id), [store], [
+            self.add(stages, f"dump-{lab.name}", asdict(lab.dump), [store], [
                 self.module("dump.dump_labels", "--shards", d.out, "--checkpoint", str(lab_dir / "last.pt"),
-                            "--out", str(store), "--overwrite", *flags(dump_args))], [])
-            if load_manifest(self.shards).has_masks:
+                            "--out", str(store), "--overwrite", *flags(dump_args))], [], after=(f"labeler-{lab.name}",))
+            if masks:
                 report = lab_dir / "quality.json"
-                self.stage(f"quality-{lab.name}", self.dump_ids[lab.name], [report], [self.module(
-                    "dump.quality", str(store), "--out", str(report))], [report])
+                self.add(stages, f"quality-{lab.name}", None, [report], [self.module(
+                    "dump.quality", str(store), "--out", str(report))], [report], after=(f"dump-{lab.name}",))
+        return stages
 
-    def train_students(self) -> None:
-        p = self.p
+    def students(self) -> list[Stage]:
+        p, stages = self.p, []
         for s in p.students:
             out = self.runs / s.name
             extra = [] if s.token_labels else ["--no-token-labels"]
-            dump_id = self.dump_ids[p.labeler_name(s.labels)]
-            self.stage(f"student-{s.name}", identity(asdict(s), dump_id), [out / "last.pt"], [self.module(
+            self.add(stages, f"student-{s.name}", asdict(s), [out / "last.pt"], [self.module(
                 "train.student", "--labels", str(self.store(s.labels)), "--model", s.model, "--epochs", str(s.epochs),
-                "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out])
+                "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out],
+                after=(f"dump-{p.labeler_name(s.labels)}",))
+        return stages
 
-    def evaluate(self) -> None:
-        p, d, e = self.p, self.p.dataset, self.p.eval
+    def evaluations(self) -> list[Stage]:
+        p, d, e, stages = self.p, self.p.dataset, self.p.eval, []
         names = sorted((s.name for s in p.students), key=lambda n: n != e.baseline)  # the baseline first
         for name in names:
             out = self.runs / name
             eval_args = {"corruptions": e.corruptions, "severities": e.severities, **e.args}
             base = ["--baseline", str(self.runs / e.baseline)] if e.baseline and name != e.baseline else []
-            upstream = [self.stage_ident(f"student-{n}") for n in (name, e.baseline) if n]
-            self.stage(f"eval-{name}", identity(asdict(e), name, *upstream),
-                       [out / "eval.json"], [self.module("train.eval", str(out / "last.pt"), "--shards", d.out,
-                                                         *base, *flags(eval_args))], [out / "eval.json"])
+            upstream = tuple(dict.fromkeys(f"student-{n}" for n in (name, e.baseline) if n))
+            self.add(stages, f"eval-{name}", [asdict(e), name], [out / "eval.json"], [self.module(
+                "train.eval", str(out / "last.pt"), "--shards", d.out, *base, *flags(eval_args))],
+                [out / "eval.json"], after=upstream)
+        return stages
 
-    def pictures(self) -> None:
-        """Token-label pictures (dump.show) of the first train samples, from every labeler's store."""
-        p, pictures = self.p, self.runs / "pictures"
-        keys = split_keys(self.shards, "train")[: p.pictures.count]
+    def pictures(self) -> list[Stage]:
+        """Token-label pictures (dump.show) of the first train samples, from every labeler's store (the keys are
+        read when the stage runs, after the dataset exists)."""
+        p, pictures, stages = self.p, self.runs / "pictures", []
         for lab in p.labelers:
             folder = pictures / lab.name
-            self.stage(f"pictures-{lab.name}", identity(asdict(p.pictures), self.dump_ids[lab.name]), [folder], [
-                self.module("dump.show", str(self.store(lab.name)), "--key", key, "--out",
-                            str(folder / f"{key.replace('/', '_')}.png")) for key in keys], [folder])
+            self.add(stages, f"pictures-{lab.name}", asdict(p.pictures), [folder], [self.module(
+                "dump.show", str(self.store(lab.name)), "--first", str(p.pictures.count), "--out", str(folder))],
+                [folder], after=(f"dump-{lab.name}",))
+        return stages
 
-    def stage_ident(self, name: str) -> str:
-        path = self.records / f"{name}.json"
-        return json.loads(path.read_text())["identity"] if path.is_file() else ""
-
-    def table(self) -> str:
+    def table(self, wall: float, jobs: int) -> str:
         """What the run made and measured, as markdown tables (also written to <runs>/summary.md)."""
         lines = [f"# pipeline {self.p.name}", "", "| stage | status | seconds |", "|---|---|---|"]
-        lines += [f"| {n} | {s} | {t:.0f} |" for n, s, t in self.summary]
+        lines += [f"| {n} | {self.summary[n][0]} | {self.summary[n][1]:.0f} |" for n in self.idents if n in self.summary]
+        lines.append(f"| this run, wall clock ({jobs} stage{'s' if jobs > 1 else ''} at a time) | | {wall:.0f} |")
         lines += ["", "Labelers, and their token labels per map cell against the masks (dump.quality):", "",
                   "| labeler | model | val top-1 | target cells right | other objects' cells right | "
                   "background cells saying the image class | confidence object / background |",
@@ -208,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", help="a pipeline of the file, e.g. demo, demo-quick, imagenet")
     parser.add_argument("--file", type=Path, default=ROOT / "pipelines.yaml")
     parser.add_argument("--check", action="store_true", help="only load and validate the file")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stages run side by side, each with cores / jobs torch threads (default: the "
+                             "pipeline's `jobs`, else 1)")
     args = parser.parse_args(argv)
     pipelines = load_pipelines(args.file)
     if args.name not in pipelines:
@@ -217,8 +285,12 @@ def main(argv: list[str] | None = None) -> None:
             check_pipeline(pipeline)
         print(f"{args.file}: {len(pipelines)} pipeline(s) valid: {', '.join(pipelines)}")
         return
-    check_pipeline(pipelines[args.name])
-    Runner(pipelines[args.name]).run()
+    pipeline = pipelines[args.name]
+    check_pipeline(pipeline)
+    jobs = args.jobs or pipeline.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    Runner(pipeline).run(jobs)
 
 
 if __name__ == "__main__":

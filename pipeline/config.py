@@ -71,6 +71,7 @@ class Pipeline:
     eval: Eval = field(default_factory=Eval)
     pictures: Pictures = field(default_factory=Pictures)
     description: str = ""
+    jobs: int = 1                     # stages side by side (e.g. 2 on a 2-core machine: one thread each)
 
     def labeler_name(self, labels: str | None) -> str:
         """The labeler a student's or variant's `labels` names: the first one unless it names another."""

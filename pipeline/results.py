@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--variants: unknown variant {name!r}; choose from {', '.join(table_variants)}")
     names = args.variants or list(table_variants)
     runner = Runner(pipeline)
-    runner.prepare()
+    runner.prepare(args.jobs)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     folder = runner.runs / f"results{args.name}"
     out = {(name, seed): folder / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}

@@ -1,6 +1,7 @@
 """pipelines.yaml: validation with one clear line, and the demo-quick pipeline end to end (skip and redo)."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import check_pipeline, load_pipelines
+from pipeline.__main__ import Runner, Stage
+from pipeline.config import Dataset, Pipeline, check_pipeline, load_pipelines
 from shards.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +118,45 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
     assert rows[0].split("|")[2].strip() == "-" and rows[1].split("|")[2].strip() == "cnn"
     assert 0 <= float(rows[1].split("|")[3]) <= 100  # the cnn store's other-object cells right
     assert len(list((runs / "results").glob("*/seed1/eval.json"))) == 2
+
+
+def tiny_runner(tmp_path: Path) -> Runner:
+    return Runner(Pipeline("tiny", str(tmp_path / "runs"), Dataset(str(tmp_path / "shards"), demo={}), [], []))
+
+
+def step(tmp_path: Path, name: str, code: str) -> list[str]:
+    """A command that records when it started and ended, then runs `code` (all in a real subprocess)."""
+    log = tmp_path / f"{name}.times"
+    return [sys.executable, "-c", f"import os, time; t = time.time(); {code}; "
+            f"open({str(log)!r}, 'w').write(f'{{t}} {{time.time()}} {{os.environ.get(\"OMP_NUM_THREADS\")}}')"]
+
+
+def times(tmp_path: Path, name: str) -> tuple[float, float, str]:
+    start, end, threads = (tmp_path / f"{name}.times").read_text().split()
+    return float(start), float(end), threads
+
+
+def test_side_by_side_stages_wait_for_what_they_read_and_share_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runner = tiny_runner(tmp_path)
+    made = tmp_path / "a.out"
+    stages = [Stage("a", "1", [made], [step(tmp_path, "a", f"time.sleep(1.5); open({str(made)!r}, 'w')")], []),
+              Stage("b", "1", [], [step(tmp_path, "b", f"assert os.path.exists({str(made)!r})")], [], after=("a",)),
+              Stage("c", "1", [], [step(tmp_path, "c", "time.sleep(1.5)")], [])]
+    runner.execute(stages, jobs=2)
+    (a0, a1, threads), (b0, _, _), (c0, c1, _) = (times(tmp_path, n) for n in "abc")
+    assert b0 >= a1  # b reads a's output: it starts after a ends
+    assert c0 < a1 and a0 < c1  # a and c, independent, ran at the same time
+    assert threads == str(max(1, (os.cpu_count() or 1) // 2))
+    assert (runner.records / "b.log").read_text().startswith("$ -c")  # each stage's output in its own log
+    assert set(runner.summary) == {"a", "b", "c"}
+
+
+def test_after_a_failed_stage_nothing_new_starts_and_the_error_names_it(tmp_path):
+    runner = tiny_runner(tmp_path)
+    stages = [Stage("bad", "1", [], [step(tmp_path, "bad", "print('the cause'); raise SystemExit(3)")], []),
+              Stage("next", "1", [], [step(tmp_path, "next", "pass")], [], after=("bad",)),
+              Stage("later", "1", [], [step(tmp_path, "later", "pass")], [], after=("next",))]
+    with pytest.raises(UserError, match=r"(?s)the cause.*stage 'bad' failed \(exit 3\), its output: .*bad\.log"):
+        runner.execute(stages, jobs=2)
+    assert not (tmp_path / "next.times").exists() and not (tmp_path / "later.times").exists()
