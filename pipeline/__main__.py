@@ -150,8 +150,12 @@ class Runner:
     def run(self, jobs: int = 1) -> None:
         """Every stage, then the summary table."""
         started = time.time()
-        self.execute(self.preparation() + self.students() + self.evaluations() + self.pictures(), jobs)
+        self.execute(self.plan(), jobs)
         print(self.table(time.time() - started, jobs))
+
+    def plan(self) -> list[Stage]:
+        """Every stage, in the order a one-at-a-time run takes them."""
+        return self.preparation() + self.students() + self.evaluations() + self.pictures()
 
     def prepare(self, jobs: int = 1) -> None:
         """Only what the students read: the dataset, the labelers, their dumps and label-quality reports."""
@@ -203,10 +207,9 @@ class Runner:
             out = self.runs / name
             eval_args = {"corruptions": e.corruptions, "severities": e.severities, **e.args}
             base = ["--baseline", str(self.runs / e.baseline)] if e.baseline and name != e.baseline else []
-            upstream = tuple(dict.fromkeys(f"student-{n}" for n in (name, e.baseline) if n))
             self.add(stages, f"eval-{name}", [asdict(e), name], [out / "eval.json"], [self.module(
                 "train.eval", str(out / "last.pt"), "--shards", d.out, *base, *flags(eval_args))],
-                [out / "eval.json"], after=upstream)
+                [out / "eval.json"], after=(f"student-{name}", *([f"eval-{e.baseline}"] if base else [])))
         return stages
 
     def pictures(self) -> list[Stage]:

@@ -120,6 +120,16 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
     assert len(list((runs / "results").glob("*/seed1/eval.json"))) == 2
 
 
+def test_each_stage_waits_for_every_stage_whose_output_it_reads():
+    stages = {s.name: s for s in Runner(load_pipelines(ROOT / "pipelines.yaml")["demo"]).plan()}
+    assert stages["labeler-cnn"].after == ("dataset",) and stages["dump-cnn"].after == ("labeler-cnn",)
+    assert stages["quality-fan_tl"].after == ("dump-fan_tl",) and stages["pictures-cnn"].after == ("dump-cnn",)
+    assert stages["student-cnn_labels"].after == ("dump-cnn",)
+    assert stages["eval-baseline"].after == ("student-baseline",)
+    # mCE is relative to the baseline's corruption errors: its evaluation must be written first
+    assert stages["eval-cnn_labels"].after == ("student-cnn_labels", "eval-baseline")
+
+
 def tiny_runner(tmp_path: Path) -> Runner:
     return Runner(Pipeline("tiny", str(tmp_path / "runs"), Dataset(str(tmp_path / "shards"), demo={}), [], []))
 
