@@ -103,7 +103,8 @@ class Runner:
             for command in stage.commands:
                 shown = "$ " + " ".join(command[1:] if command[0] == self.python else command)
                 print(shown, file=out or sys.stdout, flush=True)
-                result = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=out and subprocess.STDOUT)
+                result = subprocess.run(command, cwd=ROOT, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT if out else None)
                 if result.returncode != 0:
                     tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if threads else ""
                     raise UserError(f"{tail}stage '{stage.name}' failed (exit {result.returncode})"
@@ -124,7 +125,7 @@ class Runner:
             return
         threads = max(1, (os.cpu_count() or 1) // jobs)
         pending, running, failure = list(stages), {}, None
-        finished = {name for name in self.summary}
+        finished = set(self.summary)  # stages an earlier call ran or skipped
         with ThreadPoolExecutor(jobs) as pool:
             while running or (pending and failure is None):
                 ready = [s for s in pending if set(s.after) <= finished][: jobs - len(running)]
