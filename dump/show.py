@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="PNG to write (with --first: a folder of PNGs)")
     parser.add_argument("--shards", type=Path, default=None, help=SHARDS_HELP)
     args = parser.parse_args(argv)
+    if args.first is not None and args.first < 1:
+        raise UserError(f"--first must be at least 1, got {args.first}")
     if args.key is not None:
         pictures = {args.key: args.out}
     else:

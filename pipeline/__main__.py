@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     pipeline = pipelines[args.name]
     check_pipeline(pipeline)
-    jobs = args.jobs or pipeline.jobs
+    jobs = pipeline.jobs if args.jobs is None else args.jobs
     if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
+        raise UserError(f"jobs must be at least 1, got {jobs} (--jobs, or `jobs` of {args.name} in {args.file})")
     Runner(pipeline).run(jobs)
 
 

@@ -170,3 +170,9 @@ def test_after_a_failed_stage_nothing_new_starts_and_the_error_names_it(tmp_path
     with pytest.raises(UserError, match=r"(?s)the cause.*stage 'bad' failed \(exit 3\), its output: .*bad\.log"):
         runner.execute(stages, jobs=2)
     assert not (tmp_path / "next.times").exists() and not (tmp_path / "later.times").exists()
+
+
+def test_jobs_below_one_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--jobs", "0"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "jobs must be at least 1" in result.stderr
