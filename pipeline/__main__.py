@@ -42,6 +42,11 @@ def flags(args: dict[str, Any]) -> list[str]:
     return out
 
 
+def thread_share(jobs: int) -> int:
+    """Torch threads of each of `jobs` processes side by side: this machine's cores split evenly."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def identity(config: Any, *upstream: str) -> str:
     blob = json.dumps([config, *upstream], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -123,7 +128,7 @@ class Runner:
             for stage in stages:
                 self.run_stage(stage, None)
             return
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = thread_share(jobs)
         pending, running, failure = list(stages), {}, None
         finished = set(self.summary)  # stages an earlier call ran or skipped
         with ThreadPoolExecutor(jobs) as pool:
@@ -151,28 +156,30 @@ class Runner:
     def run(self, jobs: int = 1) -> None:
         """Every stage, then the summary table."""
         started = time.time()
-        self.execute(self.plan(), jobs)
+        self.execute(self.dataset(), jobs)  # first: whether it has masks decides the quality reports
+        self.execute(self.labelers() + self.students() + self.evaluations() + self.pictures(), jobs)
         print(self.table(time.time() - started, jobs))
 
-    def plan(self) -> list[Stage]:
-        """Every stage, in the order a one-at-a-time run takes them."""
-        return self.preparation() + self.students() + self.evaluations() + self.pictures()
-
     def prepare(self, jobs: int = 1) -> None:
-        """Only what the students read: the dataset, the labelers, their dumps and label-quality reports."""
-        self.execute(self.preparation(), jobs)
+        """Only what the students read: the dataset, then the labelers, their dumps and label-quality reports."""
+        self.execute(self.dataset(), jobs)
+        self.execute(self.labelers(), jobs)
 
-    def preparation(self) -> list[Stage]:
-        """Dataset, then per labeler its training, dump and label-quality report."""
-        p, stages = self.p, []
-        d = p.dataset
+    def dataset(self) -> list[Stage]:
+        d, stages = self.p.dataset, []
         if d.demo is not None:
             command = self.module("shards.demo", "--out", d.out, "--overwrite", *flags(d.demo), *flags(d.args))
         else:
             command = self.module("shards.build", "--imagefolder", d.imagefolder, "--out", d.out, "--overwrite",
                                   *flags(d.args))
         self.add(stages, "dataset", asdict(d), [self.shards / "manifest.json"], [command], [])
-        masks = d.demo is not None or (self.shards / "manifest.json").is_file() and load_manifest(self.shards).has_masks
+        return stages
+
+    def labelers(self) -> list[Stage]:
+        """Per labeler its training, dump and (on a dataset with masks: the demo's always have them) label-quality
+        report; reads the dataset's manifest unless the dataset is the demo's."""
+        p, d, stages = self.p, self.p.dataset, []
+        masks = d.demo is not None or load_manifest(self.shards).has_masks
         for lab in p.labelers:
             lab_dir = self.runs / lab.name
             self.add(stages, f"labeler-{lab.name}", {**asdict(lab), "dump": None}, [lab_dir / "last.pt"],

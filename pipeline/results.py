@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl
+from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl, thread_share
 from pipeline.config import check_pipeline, load_pipelines
 from shards.errors import UserError, cli
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.variants or list(table_variants)
     runner = Runner(pipeline)
     runner.prepare(args.jobs)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = thread_share(args.jobs)
     folder = runner.runs / f"results{args.name}"
     out = {(name, seed): folder / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
 
