@@ -142,16 +142,11 @@ class DenseStudent(Student):
         if not isinstance(getattr(model, "patch_embed", None), nn.Module):
             raise UserError(f"{type(model).__name__} has forward_dense but no patch_embed module; "
                             f"students need one for MixToken and the token grid")
-        self.stride = _embed_stride(model.patch_embed, _design_size(model))
+        self.stride = _embed_stride(model.patch_embed, model_input_size(model))
 
     def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cls, tokens, _ = self.model.forward_dense(x)
         return cls, tokens
-
-
-def _design_size(model: nn.Module) -> tuple[int, int]:
-    """The input size a timm model was configured for (its pretrained_cfg; 224 without one): a multiple of its stride."""
-    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:])
 
 
 def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
@@ -166,10 +161,14 @@ def _embed_stride(patch_embed: nn.Module, img_size: tuple[int, int]) -> tuple[in
     return img_size[0] // H, img_size[1] // W
 
 
-def model_input_size(name: str) -> int:
-    """The input side timm model `name` is configured for (64 for the demo FANs); 224 for a name timm does not know."""
-    size = timm.models.get_pretrained_cfg_value(name, "input_size") if timm.is_model(name) else None
-    return size[-1] if size else 224
+def model_input_size(model: str | nn.Module) -> tuple[int, int]:
+    """The input size (H, W) a timm model or model name is configured for, by its pretrained_cfg (64x64 for the demo
+    FANs, a multiple of the model's stride); 224x224 without one."""
+    if isinstance(model, str):
+        size = timm.models.get_pretrained_cfg_value(model, "input_size") if timm.is_model(model) else None
+    else:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return tuple(size[-2:]) if size else (224, 224)
 
 
 def build_student(name: str, num_classes: int, img_size: int | tuple[int, int], **kwargs) -> Student:

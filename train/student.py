@@ -117,7 +117,7 @@ class Run(Trainer):
             labeler_input, store = meta["img_size"], None
         if store is not None:
             store_input = open_store(store).footprint.get("input_size")
-        self.img_size = a.img_size or store_input or labeler_input or model_input_size(a.model)
+        self.img_size = a.img_size or store_input or labeler_input or model_input_size(a.model)[-1]
         model_kwargs = {"drop_path_rate": a.drop_path}
         if a.patch_size:
             model_kwargs["patch_size"] = a.patch_size
