@@ -157,8 +157,12 @@ class Runner:
         """Every stage, then the summary table."""
         started = time.time()
         self.execute(self.dataset(), jobs)  # first: whether it has masks decides the quality reports
-        self.execute(self.labelers() + self.students() + self.evaluations() + self.pictures(), jobs)
+        self.execute(self.downstream(), jobs)
         print(self.table(time.time() - started, jobs))
+
+    def downstream(self) -> list[Stage]:
+        """Every stage after the dataset's, in the order a one-at-a-time run takes them (planned once it has run)."""
+        return self.labelers() + self.students() + self.evaluations() + self.pictures()
 
     def prepare(self, jobs: int = 1) -> None:
         """Only what the students read: the dataset, then the labelers, their dumps and label-quality reports."""

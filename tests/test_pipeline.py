@@ -122,8 +122,7 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
 
 def test_each_stage_waits_for_every_stage_whose_output_it_reads():
     runner = Runner(load_pipelines(ROOT / "pipelines.yaml")["demo"])
-    plan = runner.dataset() + runner.labelers() + runner.students() + runner.evaluations() + runner.pictures()
-    stages = {s.name: s for s in plan}
+    stages = {s.name: s for s in runner.dataset() + runner.downstream()}
     assert stages["labeler-cnn"].after == ("dataset",) and stages["dump-cnn"].after == ("labeler-cnn",)
     assert stages["quality-fan_tl"].after == ("dump-fan_tl",) and stages["pictures-cnn"].after == ("dump-cnn",)
     assert stages["student-cnn_labels"].after == ("dump-cnn",)
