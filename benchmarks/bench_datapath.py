@@ -51,13 +51,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
+from common.errors import UserError, cli
 from core.engine import train_step
 from core.seeding import seed_all
 from dump.lvvit import import_lvvit
 from dump.store import LabelStore, footprint_box
 from shards.build import build
 from shards.demo import build_demo
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
 from train.augment import LabelAwareTransform

@@ -50,9 +50,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_datapath import GEOMETRIES, Geometry, build_dataset, markdown, photo
+from common.errors import cli
 from core.checkpoint import save_checkpoint
 from core.engine import train_step
-from shards.errors import cli
 from train.student import Run, build_parser
 
 VARIANTS = {

@@ -17,7 +17,7 @@ import timm
 import torch
 
 import labeler  # noqa: F401  (registers the FAN models)
-from shards.errors import cli
+from common.errors import cli
 from train.tl_align import TokenLabelAligner, alignment_cost, initial_labels_paper
 
 MODES = ("off", "auto", "layer", "transport")

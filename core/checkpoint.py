@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shards.errors import UserError
+from common.errors import UserError
 
 FORMAT = "tokenlabel-checkpoint"
 

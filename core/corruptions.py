@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from corrupt_tta import corrupt, corruption_dict
 
-from shards.errors import UserError
+from common.errors import UserError
 
 # one or two of each ImageNet-C family (noise, blur, weather, digital); all fast on small images
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "fog", "snow", "contrast",

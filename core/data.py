@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
 from core.seeding import seed_all
-from shards.errors import UserError
 from shards.reader import ShardReader
 
 

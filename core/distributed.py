@@ -9,7 +9,7 @@ from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shards.reader import rank_and_world
+from common.distributed import rank_and_world
 
 
 def setup_distributed(device: str | None = None) -> tuple[torch.device, int, int]:

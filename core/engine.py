@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.errors import UserError
 from core.corruptions import SEVERITIES
 from core.distributed import mean_over_ranks, sum_over_ranks, world_size
 from core.eval_data import EvalPasses
 from core.label_quality import MIXED, LabelQuality, top1_confidence
 from core.optim import Optimization
-from shards.errors import UserError
 from shards.manifest import load_manifest
 
 Objective = Callable[[Any, int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -14,10 +14,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import IterableDataset
 
+from common.errors import UserError
 from core.corruptions import corrupt_pixels
 from core.eval_view import centre_box, centre_view, check_crop_pct
 from core.label_quality import cell_truth
-from shards.errors import UserError
 from shards.reader import ShardReader
 
 

@@ -12,7 +12,7 @@ import math
 
 from PIL import Image
 
-from shards.errors import UserError
+from common.errors import UserError
 
 Box = tuple[float, float, float, float]
 FILTER_SUPPORT = 2.0  # PIL's widest filter (bicubic) reaches 2 source pixels, times the downscale factor

@@ -7,8 +7,8 @@ from typing import Any
 
 from timm.optim import list_optimizers
 
+from common.errors import UserError
 from core.optim import AMP_MODES
-from shards.errors import UserError
 
 # flag -> (type, help); every trainer gives its own defaults
 TRAINING_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shards.errors import UserError
+from common.errors import UserError
 
 
 def saved_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import torch
 import zarr
 from timm.data import resolve_model_data_config
 
+from common.errors import UserError, cli
 from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
 from dump.render import check_interpolation
 from dump.store import (
@@ -47,7 +48,6 @@ from dump.store import (
 )
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import ON_ERROR
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import zarr
 
+from common.errors import UserError
 from core.eval_view import shifted
 from dump.render import fill_colour, labeler_input, normalise, render_boxes, to_device
 from dump.store import footprint_box
 from labeler.load import load_labeler
-from shards.errors import UserError
 from shards.manifest import Manifest
 from shards.reader import (
     IMAGE_KEYS,

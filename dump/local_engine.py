@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from common.errors import UserError
 from dump.labelling import Batch, DumpJob, Labeler, ShardWriter, label_all, shard_batches
-from shards.errors import UserError
 
 
 class PendingShards(IterableDataset):

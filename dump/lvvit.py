@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError, cli
 from dump.store import (
     check_complete,
     create_store,
@@ -36,7 +37,6 @@ from dump.store import (
     temporary_path,
 )
 from dump.verify import verify_store
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import split_keys
 

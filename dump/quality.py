@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError, cli
 from core.label_quality import LabelQuality, cell_truth, top1_confidence
 from dump.store import SHARDS_HELP, check_matches, footprint_box, open_store, store_shards
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard
 

@@ -13,8 +13,8 @@ from typing import Any
 import ray
 import ray.data
 
+from common.errors import UserError
 from dump.labelling import Batch, DumpJob, Labeler, Labelled, ShardWriter, shard_batches
-from shards.errors import UserError
 
 AUTH_HELP = ("set RAY_AUTH_MODE=token where you run this command, with the cluster's token in ~/.ray/auth_token, "
              "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from core.eval_view import Box, outside, padding, render_box
-from shards.errors import UserError
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "nearest": 0.5}

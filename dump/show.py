@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
+from common.errors import UserError, cli
 from dump.store import SHARDS_HELP, LabelStore, examples, footprint_box, open_store, store_shards
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from shards.reader import read_shard
 

@@ -39,8 +39,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from common.errors import UserError
 from core.eval_view import centre_box, check_crop_pct
-from shards.errors import UserError
 from shards.manifest import MANIFEST, Manifest, keys_digest
 
 FORMAT = "tokenlabel-labels"

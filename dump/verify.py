@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import cli
 from dump.store import SHARDS_HELP, LabelStore, dataset_attrs, misplaced_keys, open_store, store_shards
-from shards.errors import cli
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import split_keys
 

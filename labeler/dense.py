@@ -15,7 +15,7 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from shards.errors import UserError
+from common.errors import UserError
 
 
 class DenseClassifier(nn.Module):

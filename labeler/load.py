@@ -7,9 +7,9 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from common.errors import UserError
 from core.checkpoint import file_sha256, read_checkpoint
 from labeler.dense import build_labeler
-from shards.errors import UserError
 
 
 def load_labeler(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -19,7 +19,7 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from shards.errors import UserError
+from common.errors import UserError
 
 
 def local_stem(model: nn.Module) -> nn.Module:

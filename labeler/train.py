@@ -22,6 +22,7 @@ from timm.data import Mixup, create_transform
 from timm.utils import random_seed
 
 import labeler  # noqa: F401  (registers the FAN models with timm)
+from common.errors import UserError, cli
 from core.data import TrainSplit
 from core.flags import HelpFormatter, add_training_flags, check_training_args
 from core.posterize import safe_posterize
@@ -29,7 +30,6 @@ from core.trainer import Trainer, run_training
 from labeler.dense import DenseClassifier, build_labeler
 from labeler.objective import FanTLObjective
 from labeler.receptive import input_shift, token_geometry
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 
 # STL's FAN-TL recipe (scripts/fan_token_labeler, per-GPU batch) and the recipe for the demo models on 2 CPU cores.

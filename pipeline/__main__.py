@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError, cli
 from pipeline.config import Pipeline, check_pipeline, load_pipelines
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from shards.errors import UserError
+from common.errors import UserError
 
 Args = dict[str, Any]  # extra command-line flags of a stage's tool: {"batch-size": 64, "amp": true}
 

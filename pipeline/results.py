@@ -17,9 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common.errors import UserError, cli
 from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl, thread_share
 from pipeline.config import check_pipeline, load_pipelines
-from shards.errors import UserError, cli
 
 BASELINE = "no token labels"
 

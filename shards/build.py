@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from shards.errors import UserError, cli
+from common.errors import UserError, cli
 from shards.manifest import keys_digest, write_manifest
 from shards.reader import ON_ERROR
 

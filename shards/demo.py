@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from common.errors import UserError, cli
 from shards.build import Sample, prepare_out, write_dataset
-from shards.errors import UserError, cli
 
 CLASSES = [str(d) for d in range(10)]
 VAL_GLYPH_SHARE = 0.2

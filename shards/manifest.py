@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "tokenlabel-shards"

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torchvision
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from shards.errors import UserError
+from common.distributed import rank_and_world
+from common.errors import UserError
 from shards.manifest import Manifest, load_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
@@ -154,13 +154,6 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
         if on_error == "raise":
             raise UserError(message)
         skips.add(str(path), f"after {last_key}", message)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's torch.distributed rank and world size ((0, 1) when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardReader(IterableDataset):

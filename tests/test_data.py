@@ -8,9 +8,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from dump.lvvit import import_lvvit
 from shards.demo import build_demo
-from shards.errors import UserError
 from shards.reader import split_keys
 from train.augment import LabelAwareTransform
 from train.data import StudentData, resolve_labels, token_label_targets

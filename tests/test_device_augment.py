@@ -15,11 +15,11 @@ from timm.data.auto_augment import LEVEL_TO_ARG
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from core.checkpoint import save_checkpoint
 from core.seeding import seed_all
 from shards.build import build
 from shards.demo import build_demo
-from shards.errors import UserError
 from shards.manifest import load_manifest
 from shards.reader import ShardReader, split_keys
 from train.augment import PIL_OPS, LabelAwareTransform, _erase_boxes

@@ -27,6 +27,7 @@ import timm
 import torch
 import zarr
 
+from common.errors import UserError
 from core.checkpoint import save_checkpoint
 from core.eval_view import shifted
 from dump.dump_labels import dump
@@ -36,7 +37,6 @@ from dump.store import check_matches, footprint_box, make_footprint, open_store
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from labeler.load import load_labeler
-from shards.errors import UserError
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
 

@@ -23,8 +23,8 @@ from train.augment import LabelAwareEvalTransform
 
 REPO = Path(__file__).resolve().parents[1]
 # package -> the packages of this repository it may import (no cycles: each only imports those below it)
-LAYERS = {"shards": set(), "core": {"shards"}, "labeler": {"shards", "core"}, "dump": {"shards", "core", "labeler"},
-          "train": {"shards", "core", "labeler", "dump"}, "pipeline": {"shards", "core", "labeler", "dump", "train"}}
+ORDER = ("common", "shards", "core", "labeler", "dump", "train", "pipeline")
+LAYERS = {package: set(ORDER[:i]) for i, package in enumerate(ORDER)}
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
@@ -141,7 +141,7 @@ def imports_of(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", LAYERS)
 def test_packages_import_only_the_layers_below_them(package):
-    """shards <- core <- labeler <- dump <- train <- pipeline: no import cycle between the packages."""
+    """common <- shards <- core <- labeler <- dump <- train <- pipeline: no import cycle between the packages."""
     for path in sorted((REPO / package).glob("*.py")):
         ours = imports_of(path) & set(LAYERS)
         assert ours <= LAYERS[package] | {package}, f"{path.relative_to(REPO)} imports {sorted(ours - LAYERS[package] - {package})}"

@@ -9,13 +9,13 @@ import pytest
 import torch
 from corrupt_tta import corrupt
 
+from common.errors import UserError
 from core.checkpoint import save_checkpoint
 from core.corruptions import mean_corruption_error
 from core.engine import evaluate
 from core.eval_data import EvalTransform
 from core.label_quality import LabelQuality, cell_truth, top1_confidence
 from shards.demo import build_demo
-from shards.errors import UserError
 from shards.reader import ShardReader
 from train.eval import load_model, main
 from train.models import build_student

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import labeler  # noqa: F401  (registers the FAN models and the demo CNN)
+from common.errors import UserError
 from core.checkpoint import save_checkpoint
 from core.eval_view import shifted
 from dump.dump_labels import dump
@@ -22,7 +23,6 @@ from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
 from labeler.train import main as train_main
 from shards.build import build
-from shards.errors import UserError
 
 
 @pytest.mark.parametrize("name, size, stride, centre", [

@@ -9,11 +9,11 @@ import pytest
 import torch
 import zarr
 
+from common.errors import UserError
 from dump.lvvit import export_lvvit, import_lvvit
 from dump.lvvit import main as lvvit_main
 from dump.store import create_store, dataset_attrs, make_footprint, mark_complete, open_store, store_attrs
 from dump.verify import verify_store
-from shards.errors import UserError
 from shards.manifest import load_manifest
 from shards.reader import split_keys
 

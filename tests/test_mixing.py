@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.mixing import Mixer, MixInfo, apply_mix, mix_tokens, sample_mixtoken, token_box
 from train.targets import HardTokens
 

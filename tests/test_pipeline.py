@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.errors import UserError
 from pipeline.__main__ import Runner, Stage
 from pipeline.config import Dataset, Pipeline, check_pipeline, load_pipelines
-from shards.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from shards.build import main as build_main
 from shards.demo import build_demo
-from shards.errors import UserError
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import ShardReader, read_shard, split_keys
 

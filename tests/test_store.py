@@ -10,6 +10,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from common.errors import UserError
 from dump.show import show
 from dump.store import (
     LabelStore,
@@ -29,7 +30,6 @@ from dump.store import (
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from shards.demo import build_demo
-from shards.errors import UserError
 from shards.manifest import Manifest, load_manifest
 from shards.reader import split_keys
 

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.losses import token_label_loss
 from train.mixing import MixInfo, sample_mixtoken
 from train.models import build_student

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.geometry import crop_mapping, hflip_mapping, resample_maps, rotate_mapping
 from train.targets import (
     class_targets,

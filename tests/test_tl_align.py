@@ -9,7 +9,7 @@ from timm.layers import Attention
 from timm.models.cait import ClassAttn
 from timm.models.vision_transformer import VisionTransformer
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.tl_align import TokenLabelAligner, choose_order, initial_labels_paper
 
 K = 5

@@ -32,9 +32,9 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, to_tensor
 
+from common.errors import UserError
 from core.eval_view import centre_box, centre_view, check_crop_pct
 from core.posterize import POSTERIZE_OPS, posterize
-from shards.errors import UserError
 from train.geometry import (
     crop_mapping,
     hflip_mapping,

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import normalize, to_tensor
 
+from common.errors import UserError
 from core.data import TrainSplit
 from dump.store import LabelStore, check_matches, footprint_box, open_store, store_shards
-from shards.errors import UserError
 from shards.manifest import MANIFEST, load_manifest
 from shards.reader import decode_sample, open_sample
 from train.augment import LabelAwareTransform

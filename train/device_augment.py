@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from common.errors import UserError
 from dump.render import normalise, to_device
-from shards.errors import UserError
 from shards.reader import SkipLog, corrupt_error, decode_images
 from train.augment import FILTERS, GEOMETRIC_OPS, JITTER_OPS, Draw, LabelAwareTransform
 from train.geometry import warp_images

@@ -23,12 +23,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from common.errors import UserError, cli
 from core.checkpoint import read_checkpoint
 from core.corruptions import CORRUPTIONS, SEVERITIES, check_baseline, check_corruptions, mean_corruption_error
 from core.engine import evaluate
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
-from shards.errors import UserError, cli
 from train.models import build_student
 
 EVAL_JSON = "eval.json"

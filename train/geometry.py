@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.errors import UserError
 from dump.render import SUPPORT, resample_image, resample_weights, to_device, vertical_first
-from shards.errors import UserError
 
 RESAMPLE_MODES = ("nearest", "bilinear")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.targets import HardTokens
 
 Box = tuple[int, int, int, int]

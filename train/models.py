@@ -27,7 +27,7 @@ from timm.models.volo import VOLO
 from torch import nn
 
 import labeler  # noqa: F401  (registers the FAN models with timm)
-from shards.errors import UserError
+from common.errors import UserError
 from train.mixing import MixInfo, mixtoken_forward
 
 FAMILIES = "timm ViT/DeiT (VisionTransformer), timm VOLO, FAN (labeler.fan) or any model with forward_dense"

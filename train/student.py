@@ -16,12 +16,12 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import random_seed
 
+from common.errors import UserError, cli
 from core.corruptions import CORRUPTIONS, check_corruptions
 from core.flags import HelpFormatter, add_training_flags, check_training_args
 from core.trainer import Trainer, run_training
 from dump.store import SHARDS_HELP, open_store
 from labeler.load import load_labeler
-from shards.errors import UserError, cli
 from shards.manifest import load_manifest
 from train.augment import INTERPOLATIONS, LabelAwareTransform
 from train.data import AUGMENT_ON, StudentData, resolve_labels

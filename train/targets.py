@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.geometry import cell_taps
 
 TOKEN_TARGET_KINDS = ("gumbel", "softmax", "argmax")

@@ -33,8 +33,8 @@ from timm.layers import Attention
 from timm.models.cait import ClassAttn
 from torch import nn
 
+from common.errors import UserError
 from core.optim import full_precision
-from shards.errors import UserError
 
 ORDERS = ("auto", "layer", "transport")
 

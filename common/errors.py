@@ -1,12 +1,26 @@
 """One error type for bad user input, and the wrapper that turns it into one line and a non-zero exit."""
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 
 
 class UserError(Exception):
     """Bad input from the user: the message is one line naming the file or key, what is wrong, what to do."""
+
+
+# torch re-raises a DataLoader worker's exception in the main process with the worker's traceback in the text
+WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
+
+def one_line(error: UserError) -> str:
+    """The message of a UserError, unwrapped from a DataLoader worker's traceback where torch put it in one."""
+    text = str(error)
+    if WORKER_TRACEBACK.match(text):
+        last = text.rstrip().splitlines()[-1]
+        text = last.split("UserError: ", 1)[-1]
+    return text
 
 
 def cli(main: Callable[..., None]) -> Callable[..., None]:
@@ -17,7 +31,7 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

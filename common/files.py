@@ -1,0 +1,103 @@
+"""Files tokenlabel writes: durable atomic publishing, the marker that says an output is ours, and overlap checks.
+
+Every output is written under a temporary name unique to its writer, flushed to disk (fsync of the file and of
+its folder), then renamed into place: a reader sees the old version whole or the new one whole, and a crash or a
+power cut leaves no truncated file under the final name. `--overwrite` may replace only an output that carries
+tokenlabel's mark (its kind's marker: a shard manifest, a store's attributes, an export's or a run's marker
+file), and never one that is, holds or sits inside an input of the same command.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+
+MARKER = ".tokenlabel.json"  # in an output folder that no manifest or store attributes identify (exports, runs)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_sibling(path: str | Path, tag: str = "partial") -> Path:
+    """A name beside `path` that no other writer (process or thread) uses: `<name>.<tag>-<pid>-<random>`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def publish_file(tmp: Path, path: Path) -> None:
+    """Rename a fully written temporary file over `path`, durably: the file, then the rename, reach the disk."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to; published on success, removed on failure."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        publish_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move a finished folder into place. An existing `path` (which the caller checked is ours) is first renamed
+    aside, then removed, so that `path` never holds a half-removed or half-written folder."""
+    fsync_path(tmp)
+    old = temporary_sibling(path, "replaced") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_marker(folder: str | Path, kind: str, **info: Any) -> None:
+    """Mark `folder` as a tokenlabel output of `kind` (e.g. "lvvit-export", "run")."""
+    atomic_write(Path(folder) / MARKER, json.dumps({"tool": "tokenlabel", "kind": kind, **info}, indent=1) + "\n")
+
+
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The marker of a tokenlabel output folder, or None where there is none (or it is not ours)."""
+    path = Path(folder) / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("tool") == "tokenlabel" else None
+
+
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths are the same, or one holds the other (symlinks resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], flag: str = "--out") -> None:
+    """One line when the output is, holds or sits inside one of the named inputs ({"--shards": path, ...})."""
+    for name, path in inputs.items():
+        if path is not None and overlaps(out, path):
+            raise UserError(f"{flag} {out}: is, holds or sits inside {name} {path}; writing there could destroy "
+                            f"the input: choose an output folder apart from it")
