@@ -4,7 +4,7 @@ Every output is written under a temporary name unique to its writer, flushed to 
 its folder), then renamed into place: a reader sees the old version whole or the new one whole, and a crash or a
 power cut leaves no truncated file under the final name. `--overwrite` may replace only an output that carries
 tokenlabel's mark (its kind's marker: a shard manifest, a store's attributes, an export's or a run's marker
-file), and never one that is, holds or sits inside an input of the same command.
+file), and never one that is or holds an input of the same command.
 """
 
 import contextlib
@@ -89,15 +89,17 @@ def read_marker(folder: str | Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and marker.get("tool") == "tokenlabel" else None
 
 
-def overlaps(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths are the same, or one holds the other (symlinks resolved)."""
+def holds(a: str | Path, b: str | Path) -> bool:
+    """Whether path `a` is `b` or a folder holding it (symlinks resolved)."""
     a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a in b.parents or b in a.parents
+    return a == b or a in b.parents
 
 
-def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], flag: str = "--out") -> None:
-    """One line when the output is, holds or sits inside one of the named inputs ({"--shards": path, ...})."""
+def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], flag: str = "--out",
+                   inside: bool = False) -> None:
+    """One line when the output is or holds one of the named inputs ({"--shards": path, ...}), or with `inside`
+    also when it sits inside one."""
     for name, path in inputs.items():
-        if path is not None and overlaps(out, path):
+        if path is not None and (holds(out, path) or (inside and holds(path, out))):
             raise UserError(f"{flag} {out}: is, holds or sits inside {name} {path}; writing there could destroy "
                             f"the input: choose an output folder apart from it")

@@ -68,7 +68,10 @@ def test_markers_and_overlaps(tmp_path):
     assert read_marker(tmp_path)["kind"] == "run"
     data = tmp_path / "data"
     (data / "imgs").mkdir(parents=True)
-    for out in (data, data / "imgs", data / "imgs" / "sub", tmp_path):
+    for out in (data, data / "imgs", tmp_path):
         with pytest.raises(UserError, match="--out .*is, holds or sits inside --imagefolder"):
             refuse_overlap(out, {"--imagefolder": data / "imgs"})
-    refuse_overlap(data / "shards", {"--imagefolder": data / "imgs"})  # beside it: fine
+    refuse_overlap(data / "imgs" / "sub", {"--imagefolder": data / "imgs"})  # inside: only refused when asked
+    with pytest.raises(UserError):
+        refuse_overlap(data / "imgs" / "sub", {"--imagefolder": data / "imgs"}, inside=True)
+    refuse_overlap(data / "shards", {"--imagefolder": data / "imgs"}, inside=True)  # beside it: fine
