@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
@@ -49,33 +50,75 @@ def _image_key(raw: dict[str, Any]) -> str:
     return image_key
 
 
+DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def rgb_image(data: bytes) -> Image.Image:
+    """An image file's bytes decoded to 8-bit RGB by the one rule of every decode path (build's check, the PIL
+    path, and the device path for all but RGB and greyscale JPEGs): 16-bit greyscale scaled by 255/65535 and
+    rounded (16-bit colour PNGs PIL itself reduces to their high byte), alpha dropped (not composited), palette,
+    CMYK and 1-bit images converted by PIL; EXIF orientation is not applied (nor by PIL, torchvision or timm's
+    ImageFolder). Raises one of DECODE_ERRORS when the bytes are not such an image."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode.startswith("I"):  # I;16 (16-bit greyscale PNG), I: PIL's convert would clip at 255
+        grey = np.rint(np.asarray(image, np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P":  # via RGBA: PIL warns when a palette with transparency goes straight to RGB
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def mask_image(data: bytes, size: tuple[int, int]) -> Image.Image:
+    """A mask's bytes decoded: mode P or L, class + 1 per pixel (0 background), the size of its image; raises
+    ValueError saying what is wrong (or another of DECODE_ERRORS)."""
+    mask = Image.open(io.BytesIO(data))
+    mask.load()
+    if mask.mode not in ("P", "L"):
+        raise ValueError(f"mask is mode {mask.mode}, not P or L (one class + 1 per pixel, 0 background)")
+    if mask.size != size:
+        raise ValueError(f"mask is {mask.width}x{mask.height} but its image {size[0]}x{size[1]}")
+    return mask
+
+
+def describe(error: Exception) -> str:
+    """A decode error in a few words (PIL's "cannot identify" names only an in-memory buffer)."""
+    text = "not a known image format" if isinstance(error, UnidentifiedImageError) else str(error)[:120]
+    return f"{type(error).__name__}: {text}"
+
+
+def device_decodes(image: Image.Image) -> bool:
+    """Whether a device decodes this opened image itself (torchvision.io.decode_jpeg, nvJPEG on a GPU): a JPEG
+    in RGB or greyscale. Any other image goes through rgb_image."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Decode one grouped tar sample into key, RGB image, class and (optional) mask."""
-    image_key = _image_key(raw)
+    member = _image_key(raw)
     try:
-        image = Image.open(io.BytesIO(raw[image_key])).convert("RGB")
-        mask = Image.open(io.BytesIO(raw["mask.png"])) if "mask.png" in raw else None
-        if mask is not None:
-            mask.load()
-        cls = int(raw["cls"])
-    except (OSError, ValueError, SyntaxError) as e:
-        raise CorruptSample(f"cannot decode its .{image_key}, .cls or .mask.png ({type(e).__name__})") from e
+        image = rgb_image(raw[member])
+        member = "mask.png"
+        mask = mask_image(raw[member], image.size) if member in raw else None
+        member = "cls"
+        cls = int(raw[member])
+    except DECODE_ERRORS as e:
+        raise CorruptSample(f"cannot decode its .{member} ({describe(e)})") from e
     return {"key": raw["__key__"], "image": image, "cls": cls, "mask": mask}
 
 
 def open_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """`decode_sample` for a device that decodes JPEGs itself: a JPEG in RGB or greyscale is only opened (its
-    header read: size and mode) and keeps its bytes under "jpeg"; any other image (PNG, CMYK JPEG, ...) is
-    decoded here as decode_sample does ("jpeg" None). No mask is read."""
+    """`decode_sample` for a device that decodes JPEGs itself: a JPEG it decodes (device_decodes) is only opened
+    (its header read: size and mode) and keeps its bytes under "jpeg"; any other image (PNG, CMYK JPEG, ...) is
+    decoded here by rgb_image ("jpeg" None). No mask is read."""
     image_key = _image_key(raw)
     try:
         image = Image.open(io.BytesIO(raw[image_key]))
-        jpeg = raw[image_key] if image.format == "JPEG" and image.mode in ("RGB", "L") else None
+        jpeg = raw[image_key] if device_decodes(image) else None
         if jpeg is None:
-            image = image.convert("RGB")
+            image = rgb_image(raw[image_key])
         cls = int(raw["cls"])
-    except (OSError, ValueError, SyntaxError) as e:
-        raise CorruptSample(f"cannot decode its .{image_key} or .cls ({type(e).__name__})") from e
+    except DECODE_ERRORS as e:
+        raise CorruptSample(f"cannot decode its .{image_key} or .cls ({describe(e)})") from e
     return {"key": raw["__key__"], "image": image, "jpeg": jpeg, "cls": cls, "mask": None}
 
 
@@ -84,25 +127,38 @@ def corrupt_error(shard: str | Path, key: str, reason: str) -> UserError:
     return UserError(f"{shard}: {key}: {reason}; rebuild the shard or use the skip policy")
 
 
-def decode_images(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
-    """Image files (uint8 CPU tensors of their bytes) decoded to uint8 RGB [3, H, W] on `device`, or for each
-    that does not decode the reason. JPEGs go through torchvision.io.decode_jpeg all at once (nvJPEG on a GPU);
-    when one of them fails the call, and for other formats, each is decoded alone on the CPU."""
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """JPEGs the device decodes (device_decodes), as uint8 CPU tensors of their bytes, decoded all at once by
+    torchvision.io.decode_jpeg (nvJPEG on a GPU) to uint8 RGB [3, H, W] on `device`, or for each that does not
+    decode the reason; when one of them fails the call, each is decoded alone to find it."""
     rgb = torchvision.io.ImageReadMode.RGB
-    jpegs = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
-    images: dict[int, torch.Tensor | str] = {}
     try:
-        if jpegs:
-            decoded = torchvision.io.decode_jpeg([encoded[i] for i in jpegs], mode=rgb, device=device)
-            images.update(zip(jpegs, decoded))
+        return list(torchvision.io.decode_jpeg(encoded, mode=rgb, device=device)) if encoded else []
     except RuntimeError:
-        images.clear()  # one bad JPEG fails the whole call: decode one by one below to find it
+        pass
+    images: list[torch.Tensor | str] = []
+    for data in encoded:
+        try:
+            images.append(torchvision.io.decode_jpeg(data, mode=rgb, device=device))
+        except RuntimeError as e:
+            images.append(f"cannot decode its image ({type(e).__name__})")
+    return images
+
+
+def decode_images(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """Image files of any format (uint8 CPU tensors of their bytes) decoded to uint8 RGB [3, H, W] on `device`,
+    or for each that does not decode the reason: JPEGs the device decodes go to decode_jpegs, every other image is
+    decoded on the CPU by rgb_image, exactly as the PIL path decodes it (each file's header is parsed to tell)."""
+    images: dict[int, torch.Tensor | str] = {}
     for i, data in enumerate(encoded):
-        if i not in images:
-            try:
-                images[i] = torchvision.io.decode_image(data, mode=rgb).to(device)
-            except RuntimeError as e:
-                images[i] = f"cannot decode its image ({type(e).__name__})"
+        file = data.numpy().tobytes()
+        try:
+            if not device_decodes(Image.open(io.BytesIO(file))):
+                images[i] = torch.from_numpy(np.array(rgb_image(file))).permute(2, 0, 1).to(device)
+        except DECODE_ERRORS as e:
+            images[i] = f"cannot decode its image ({type(e).__name__})"
+    jpegs = [i for i in range(len(encoded)) if i not in images]
+    images.update(zip(jpegs, decode_jpegs([encoded[i] for i in jpegs], device)))
     return [images[i] for i in range(len(encoded))]
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import default_collate
 
 from common.errors import UserError
 from dump.render import normalise, to_device
-from shards.reader import SkipLog, corrupt_error, decode_images
+from shards.reader import SkipLog, corrupt_error, decode_jpegs
 from train.augment import FILTERS, GEOMETRIC_OPS, JITTER_OPS, Draw, LabelAwareTransform
 from train.geometry import warp_images
 from train.photometric import OP_NAMES, apply_ops
@@ -115,7 +115,7 @@ class DeviceAugment:
         blobs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         jpeg = batch.pop("jpeg").tolist()
         encoded = [i for i, is_jpeg in enumerate(jpeg) if is_jpeg]
-        decoded = dict(zip(encoded, decode_images([blobs[i] for i in encoded], self.device) if encoded else []))
+        decoded = dict(zip(encoded, decode_jpegs([blobs[i] for i in encoded], self.device)))
         sizes = batch.pop("size").tolist()  # what is not a JPEG comes decoded by the worker: [H, W, 3] pixels
         pixels = [decoded[i] if jpeg[i] else blobs[i].view(*sizes[i], 3).to(self.device, non_blocking=True)
                   .permute(2, 0, 1) for i in range(len(blobs))]
