@@ -108,7 +108,7 @@ def build_demo(out: Path, train: int = 10_000, val: int = 2_000, size: int = 64,
     prepare_out(out, overwrite)
     splits = {"train": (demo_samples("train", train, size, seed), train),
               "val": (demo_samples("val", val, size, seed), val)}
-    write_dataset(out, CLASSES, splits, has_masks=True, per_shard=per_shard, hflip=False)
+    write_dataset(out, CLASSES, splits, per_shard=per_shard, hflip=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=64, help="canvas side in pixels")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a shard folder tokenlabel wrote (only the files a build writes)")
     return parser
 
 

@@ -14,11 +14,11 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from common.distributed import rank_and_world
 from common.errors import UserError
-from shards.manifest import Manifest, load_manifest
+from shards.manifest import Digesting, Manifest, check_key, load_manifest, shard_keys
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 ON_ERROR = ("raise", "skip")
@@ -167,9 +167,12 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
                decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample) -> Iterator[dict[str, Any]]:
     """Yield the decoded samples of one shard in order, each with its row `index` in the split's order.
 
-    The shard must hold exactly the samples the manifest says; a truncated tar, a corrupt image or a count
-    mismatch is a UserError naming shard and key, unless on_error="skip" (then each skip goes to `skips`).
-    `decode` turns a grouped tar sample (member bytes by extension) into the sample, raising CorruptSample.
+    The shard must hold exactly the samples the manifest says: a truncated tar, a corrupt image, a count
+    mismatch, or (for a tar read to its end) bytes whose sha256, computed while streaming them, is not the
+    manifest's, is a UserError naming shard and key, unless on_error="skip" (then each skip goes to `skips`, and
+    a changed tar is a warning: corrupt bytes also change the tar).
+    An unsafe key (manifest.check_key) is refused either way. `decode` turns a grouped tar sample (member bytes by
+    extension) into the sample, raising CorruptSample.
     """
     if on_error not in ON_ERROR:
         raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -183,10 +186,12 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
     skips = skips if skips is not None else SkipLog()
     seen, last_key = 0, "(start of shard)"
     try:
-        with open(path, "rb") as stream:
+        with open(path, "rb") as file:
+            stream = Digesting(file)
             members = ({**member, "__url__": str(path)} for member in tar_file_iterator(stream))
             for raw in group_by_keys(members):
                 last_key = raw["__key__"]
+                check_key(last_key, path)
                 index, seen = first + seen, seen + 1
                 if seen > expected:
                     raise UserError(f"{path}: holds more samples than the {expected} in manifest.json; rebuild the shards")
@@ -199,7 +204,8 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
                     continue
                 sample["index"] = index
                 yield sample
-    except (tarfile.TarError, OSError, EOFError) as e:
+            sha256 = stream.hexdigest_to_end()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: a member name twice in a sample
         message = f"{path}: truncated or corrupt tar after key {last_key} ({e})"
         if on_error == "raise":
             raise UserError(message + "; rebuild this shard") from e
@@ -210,6 +216,11 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
         if on_error == "raise":
             raise UserError(message)
         skips.add(str(path), f"after {last_key}", message)
+    elif sha256 != manifest.shard_digests(split)[position]:
+        message = f"{path}: changed since manifest.json was written (its sha256 differs from the manifest's)"
+        if on_error == "raise":
+            raise UserError(message + "; rebuild the shards")
+        print(f"warning: {message}; read as it is under the skip policy", file=sys.stderr)  # no sample was skipped
 
 
 class ShardReader(IterableDataset):
@@ -284,20 +295,6 @@ def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[
         yield sample
     rng.shuffle(buffer)
     yield from buffer
-
-
-def shard_keys(path: str | Path) -> list[str]:
-    """Sample keys of one tar in order, from member headers only (no decoding); stops where a tar is truncated."""
-    keys: list[str] = []
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _ = base_plus_ext(member.name)
-                if key is not None and (not keys or keys[-1] != key):
-                    keys.append(key)
-    except (OSError, EOFError, tarfile.TarError):
-        pass
-    return keys
 
 
 def split_keys(root: str | Path, split: str) -> list[str]:

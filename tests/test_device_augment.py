@@ -1,7 +1,9 @@
 """--augment-on device against the PIL path: the same draws and token targets, images within the stated tolerance,
 photometric ops and erasing as PIL and timm do them, mixed formats and sizes, corrupt bytes, a training run."""
 
+import hashlib
 import io
+import json
 import random
 import tarfile
 from pathlib import Path
@@ -20,7 +22,7 @@ from core.checkpoint import save_checkpoint
 from core.seeding import seed_all
 from shards.build import build
 from shards.demo import build_demo
-from shards.manifest import load_manifest
+from shards.manifest import content_digest, load_manifest
 from shards.reader import ShardReader, split_keys
 from train.augment import PIL_OPS, LabelAwareTransform, _erase_boxes
 from train.data import StudentData, token_label_targets
@@ -225,7 +227,8 @@ def test_erasing_draws_timms_boxes_and_fills_them_in_kind(mode, count):
 
 
 def replace_member(shard: Path, name: str, data: bytes) -> None:
-    """Rewrite one tar member's bytes, keeping the tar valid."""
+    """Rewrite one tar member's bytes, keeping the tar valid and its manifest entry in step (the reader would
+    otherwise refuse the changed tar as a whole, before the device decodes the bad sample)."""
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:
@@ -233,6 +236,13 @@ def replace_member(shard: Path, name: str, data: bytes) -> None:
             if member.name == name:
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data if member.name == name else old))
+    doc = json.loads((shard.parent / "manifest.json").read_text())
+    for split in doc["splits"].values():
+        for entry in split["shards"]:
+            if entry["file"] == shard.name:
+                entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+        split["content_digest"] = content_digest(split["shards"])
+    (shard.parent / "manifest.json").write_text(json.dumps(doc))
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def twin_shards(root: Path) -> Path:
     twins = [dataclasses.replace(s, key=f"{s.key}_twin") for s in images]
     root.mkdir()
     write_dataset(root, CLASSES, {"train": (images + twins, 32), "val": (demo_samples("val", 20, 64, seed=0), 20)},
-                  has_masks=True, per_shard=16)
+                  per_shard=16)
     return root
 
 
