@@ -20,6 +20,11 @@ def keys_digest(keys: list[str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
@@ -46,6 +51,19 @@ class Manifest:
 
     def digest(self, split: str) -> str:
         return self.split(split)["digest"]
+
+    def shard_digests(self, split: str) -> list[str]:
+        """Hex sha256 of each shard's tar bytes, in order (recorded per shard, else read from the tars)."""
+        return [s.get("sha256") or file_sha256(self.root / s["file"]) for s in self.split(split)["shards"]]
+
+    def content_digest(self, split: str) -> str:
+        """'sha256:<hex>' over the ordered (file, count, sha256) of the split's shards: the images themselves."""
+        if "content_digest" in self.split(split):
+            return self.split(split)["content_digest"]
+        digest = hashlib.sha256()
+        for (file, count), sha256 in zip(self.shards(split), self.shard_digests(split)):
+            digest.update(f"{file}\t{count}\t{sha256}\n".encode())
+        return "sha256:" + digest.hexdigest()
 
     def offsets(self, split: str) -> list[int]:
         """Row of each shard's first sample in the split's order."""
