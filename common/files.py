@@ -30,6 +30,14 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file and folder under `folder` to disk (a finished folder, before it is published)."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(parent) / name)
+        fsync_path(parent)
+
+
 def temporary_sibling(path: str | Path, tag: str = "partial") -> Path:
     """A name beside `path` that no other writer (process or thread) uses: `<name>.<tag>-<pid>-<random>`."""
     path = Path(path)

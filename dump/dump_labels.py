@@ -32,6 +32,7 @@ import zarr
 from timm.data import resolve_model_data_config
 
 from common.errors import UserError, cli
+from common.files import refuse_overlap
 from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
 from dump.render import check_interpolation
 from dump.store import (
@@ -42,6 +43,7 @@ from dump.store import (
     mark_complete,
     open_store,
     publish,
+    refuse_foreign,
     store_attrs,
     store_lock,
     temporary_path,
@@ -82,14 +84,15 @@ def probe_labeler(checkpoint: Path, input_size: int | None) -> tuple[dict[str, A
 
 
 def open_or_create(path: Path, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
-    """The store to fill: resumed if it has exactly these attributes, else created (replacing only with --overwrite)."""
+    """The store to fill: resumed if it has exactly these attributes, else created (replacing, only with
+    --overwrite, the store of ours the caller found there: `refuse_foreign`)."""
     if path.exists():
         try:
             differences = identity_differences(open_store(path).attrs, attrs)
-        except UserError:
+        except UserError:  # ours, but of another version or unreadable
             if not overwrite:
                 raise
-            differences = ["not a readable label store"]
+            differences = ["not a store this version reads"]
         if not differences:
             return zarr.open_group(path, mode="r+", zarr_format=3)
         if not overwrite:
@@ -136,9 +139,8 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
                                  ("--decode", decode, ("auto", *DECODERS))):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    if out.exists() and not (out / "zarr.json").is_file():
-        raise UserError(f"{out}: exists and is not a label store; not replacing it (even with --overwrite): "
-                        f"remove it yourself or choose another --out")
+    refuse_overlap(out, {"--shards": shards, "--checkpoint": checkpoint})
+    refuse_foreign(out, "--out")
     with store_lock(out):
         meta, config, grid = probe_labeler(checkpoint, input_size)
         if meta["num_classes"] != manifest.num_classes:
@@ -227,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="--engine local: decode processes (default: every CPU)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="raise",
                         help="corrupt samples: stop naming shard and key, or record them in the store and go on")
-    parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a label store made with other settings (nothing but a label store)")
     return parser
 
 

@@ -6,7 +6,7 @@ the same batch as an uninterrupted one and writes the same bits (same device and
 where the batch is made (CPU: PIL decode + footprint resample to uint8) or on the labeler's device (the batch
 then carries the encoded bytes: nvJPEG decode and the resample run there). Either way uint8 goes to the device
 and is normalised there. The writer keeps each shard's rows until all of them are in, then writes them (whole
-chunks, by this writer alone) and, after them, the shard's done flag.
+chunks, by this writer alone) and, once they are on disk, the shard's done flag (dump.store.write_shard).
 """
 
 import json
@@ -25,7 +25,7 @@ import zarr
 from common.errors import UserError
 from core.eval_view import shifted
 from dump.render import fill_colour, labeler_input, normalise, render_boxes, to_device
-from dump.store import footprint_box
+from dump.store import footprint_box, write_shard
 from labeler.load import load_labeler
 from shards.manifest import Manifest
 from shards.reader import (
@@ -310,14 +310,12 @@ class ShardWriter:
             self.writes.append(self.thread.submit(self.write, labelled.position, self.partial.pop(labelled.position)))
 
     def write(self, position: int, shard: dict[str, Any]) -> dict[str, Any]:
+        """Write a shard's rows, its tar's sha256 and the dump id, durably, then its done flag (store.write_shard)."""
         filename, count = self.job.shard(position)
-        first = self.job.manifest.offsets(self.job.split)[position]
-        rows = slice(first, first + count)
         keys = shard_keys(self.job.manifest.root / filename)
-        self.group["scores"][rows], self.group["classes"][rows] = shard["scores"], shard["classes"]
-        self.group["valid"][rows] = shard["valid"]
-        self.group["keys"][rows] = np.array(keys + [""] * (count - len(keys)), dtype=str)
-        self.group["done"][position] = 1  # after the rows: a shard without its flag is redone
+        write_shard(self.group, position, scores=shard["scores"], classes=shard["classes"], valid=shard["valid"],
+                    keys=keys + [""] * (count - len(keys)),
+                    sha256=self.job.manifest.shard_digests(self.job.split)[position])
         return {"shard": filename, "rows": count, "labelled": int(shard["valid"].sum()), "skipped": shard["skipped"],
                 "decoded_on": sorted(shard["decoded_on"]), "labelled_on": sorted(shard["labelled_on"])}
 

@@ -1,11 +1,16 @@
 """LV-ViT interop: export a store to, or import one from, LV-ViT's per-image `.pt` label layout, exactly.
 
-    python -m dump.lvvit export STORE DIR
+    python -m dump.lvvit export STORE DIR [--shards shards/NAME]
     python -m dump.lvvit import DIR STORE --shards shards/NAME [--split train --input-size 576 --crop-pct 1.0]
 
 LV-ViT (TokenLabeling's generate_label.py) writes one file per training image, `<class_dir>/<stem>.pt`, holding
 a float16 tensor [2, k, H, W]: the top-k scores, then their class ids, also as float16. A file's path without
-`.pt` is our sample key. Scores are float16 in both layouts, so they move bit for bit.
+`.pt` is our sample key; a key that is not a plain relative path (absolute, `..`, a backslash or NUL) is
+refused both ways. Scores are float16 in both layouts, so they move bit for bit.
+
+Export writes only a store that fits its shards (dump.store.check_matches), into a folder marked as our export
+(`.tokenlabel.json`): `--overwrite` replaces such a folder (or an empty one), never other files, the store or
+its shard folder. Import writes a store (replacing, with `--overwrite`, only a label store).
 
 Class ids: float16 holds every integer only up to 2048. An id above 2048 in a file may already have been
 rounded by its producer (2049 is stored as 2048), so it cannot be trusted: import refuses any file with an id
@@ -23,24 +28,28 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError, cli
+from common.files import MARKER, read_marker, refuse_overlap, write_marker
 from dump.store import (
-    check_complete,
+    SHARDS_HELP,
     create_store,
     dataset_attrs,
     examples,
     make_footprint,
     mark_complete,
-    open_store,
+    open_matching,
     publish,
+    refuse_foreign,
     store_attrs,
     store_lock,
     temporary_path,
+    write_shard,
 )
 from dump.verify import verify_store
 from shards.manifest import load_manifest
 from shards.reader import split_keys
 
 MAX_EXACT_ID = 2048  # the largest n such that every integer 0..n is exact in float16
+EXPORT = "lvvit-export"  # the marker kind of an export folder
 
 
 def check_ids(ids: np.ndarray, num_classes: int, where: str) -> None:
@@ -52,18 +61,36 @@ def check_ids(ids: np.ndarray, num_classes: int, where: str) -> None:
         raise UserError(f"{where}: class ids must be integers in [0, {num_classes}), found {ids.min()}..{ids.max()}")
 
 
+def label_file(folder: Path, key: str, where: str) -> Path:
+    """`<folder>/<key>.pt`, for a key that is a plain relative path staying inside `folder`; else one line.
+
+    (A local check until shards/ has its own key check: then that one refuses such keys first.)"""
+    path = folder / f"{key}.pt"
+    plain = not key.startswith("/") and not {"\\", "\0"} & set(key) and ".." not in key.split("/")
+    if not plain or not path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"{where}: key {key!r} is not a plain relative path (absolute, '..', a backslash or NUL): "
+                        "as a file name it would land outside the folder; rename the sample and rebuild the shards")
+    return path
+
+
 def prepare_dir(out: Path, overwrite: bool) -> Path:
-    """A temporary sibling of `out` to write into; `out` must be absent or empty unless --overwrite."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: folder is not empty; pass --overwrite to replace it or choose another folder")
+    """A temporary sibling of `out` to write into; `out` must be absent or empty, or with --overwrite our export."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out}: folder is not empty; pass --overwrite to replace an earlier export or choose "
+                            f"another folder")
+        if (read_marker(out) or {}).get("kind") != EXPORT:
+            raise UserError(f"DIR {out}: holds files that are not an LV-ViT export of tokenlabel (no {MARKER} of kind "
+                            f"{EXPORT}); not replacing it (even with --overwrite): remove it yourself or choose "
+                            f"another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     return temporary_path(out)
 
 
-def export_lvvit(store_path: Path, out: Path, overwrite: bool = False) -> tuple[int, int]:
+def export_lvvit(store_path: Path, out: Path, overwrite: bool = False, shards: Path | None = None) -> tuple[int, int]:
     """Write every labelled row as `<out>/<key>.pt`; returns (files written, skipped rows left out)."""
-    store = open_store(store_path)
-    check_complete(store)
+    store, manifest = open_matching(store_path, shards)
+    refuse_overlap(out, {"STORE": store.path, "its shard folder": manifest.root}, flag="DIR")
     keys, valid = store.keys, store.valid()
     with store_lock(out):
         tmp = prepare_dir(out, overwrite)
@@ -73,14 +100,15 @@ def export_lvvit(store_path: Path, out: Path, overwrite: bool = False) -> tuple[
                 start, stop = store.shard_rows(position)
                 scores, classes = store.read_rows(start, stop)
                 for row in np.flatnonzero(valid[start:stop] == 1):
-                    key = keys[start + row]
-                    check_ids(classes[row], store.num_classes, f"{store.path}: row {start + row} ({key})")
-                    path = tmp / f"{key}.pt"
+                    key, where = keys[start + row], f"{store.path}: row {start + row}"
+                    path = label_file(tmp, key, where)
+                    check_ids(classes[row], store.num_classes, f"{where} ({key})")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(torch.stack([torch.from_numpy(scores[row]),
                                             torch.from_numpy(classes[row].astype(np.float16))]), path)
                 bar.update(stop - start)
             bar.close()
+            write_marker(tmp, EXPORT, store=str(store.path.resolve()), dump_id=store.dump_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -108,12 +136,14 @@ def import_lvvit(src: Path, store_path: Path, shards: Path, *, split: str = "tra
                  overwrite: bool = False) -> int:
     """Build a complete, verified store from `<src>/<key>.pt` files for every key of the split; returns N."""
     manifest = load_manifest(shards)
+    refuse_overlap(store_path, {"--shards": manifest.root, "DIR": src}, flag="STORE")
     keys = split_keys(shards, split)
-    missing = [key for key in keys if not (src / f"{key}.pt").is_file()]
+    files = [label_file(src, key, f"{manifest.root}: split '{split}'") for key in keys]
+    missing = [key for key, file in zip(keys, files) if not file.is_file()]
     if missing:
         raise UserError(f"{src}: {len(missing)} of {len(keys)} keys of split '{split}' have no .pt file "
                         f"(e.g. {examples(missing)}); every image of the split needs its label file")
-    shape = tuple(read_lvvit(src / f"{keys[0]}.pt", None).shape)
+    shape = tuple(read_lvvit(files[0], None).shape)
     attrs = store_attrs(num_classes=manifest.num_classes, k=shape[1], grid=shape[2:],
                         footprint=make_footprint(input_size, crop_pct, interpolation),
                         labeler={"model": model, "sha256": None, "input_size": input_size, "epoch": None,
@@ -123,20 +153,18 @@ def import_lvvit(src: Path, store_path: Path, shards: Path, *, split: str = "tra
     with store_lock(store_path):
         if store_path.exists() and not overwrite:
             raise UserError(f"{store_path}: already exists; pass --overwrite to replace it or choose another store")
+        refuse_foreign(store_path, "STORE")
         tmp = temporary_path(store_path)
         try:
             group = create_store(tmp, attrs)
             bar = tqdm(total=len(keys), unit="img", desc="import")
             start = 0
-            for position, (_, count) in enumerate(manifest.shards(split)):
+            for position, ((_, count), sha256) in enumerate(zip(manifest.shards(split), manifest.shard_digests(split))):
                 rows = slice(start, start + count)
-                maps = np.stack([read_lvvit(src / f"{key}.pt", shape).numpy() for key in keys[rows]])
+                maps = np.stack([read_lvvit(file, shape).numpy() for file in files[rows]])
                 check_ids(maps[:, 1], manifest.num_classes, f"{src}: shard {position} files")
-                group["scores"][rows] = maps[:, 0]
-                group["classes"][rows] = maps[:, 1].astype(group["classes"].dtype)
-                group["keys"][rows] = np.array(keys[rows], dtype=str)
-                group["valid"][rows] = 1
-                group["done"][position] = 1
+                write_shard(group, position, scores=maps[:, 0], classes=maps[:, 1].astype(np.int32),
+                            valid=np.ones(count, np.uint8), keys=keys[rows], sha256=sha256)
                 start += count
                 bar.update(count)
             bar.close()
@@ -158,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export", help="store -> <DIR>/<key>.pt files")
     export.add_argument("store", type=Path)
     export.add_argument("dir", type=Path)
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    export.add_argument("--shards", type=Path, default=None, help=SHARDS_HELP)
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export at DIR (nothing else)")
     imp = commands.add_parser("import", help="<DIR>/<key>.pt files -> a complete, verified store")
     imp.add_argument("dir", type=Path)
     imp.add_argument("store", type=Path)
@@ -168,10 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--crop-pct", type=float, default=1.0, help="producer's centre-crop share (LV-ViT: 1.0)")
     imp.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest"), default="bicubic")
     imp.add_argument("--model", default="unknown (LV-ViT files)", help="producer model name, recorded in the store")
-    imp.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing label store (nothing else)")
     args = parser.parse_args(argv)
     if args.command == "export":
-        written, left_out = export_lvvit(args.store, args.dir, args.overwrite)
+        written, left_out = export_lvvit(args.store, args.dir, args.overwrite, args.shards)
         print(f"wrote {written} files to {args.dir}" + (f"; {left_out} skipped row(s) have no file" if left_out else ""))
     else:
         count = import_lvvit(args.dir, args.store, args.shards, split=args.split, input_size=args.input_size,

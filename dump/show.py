@@ -17,8 +17,8 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from common.errors import UserError, cli
-from dump.store import SHARDS_HELP, LabelStore, examples, footprint_box, open_store, store_shards
-from shards.manifest import load_manifest
+from dump.store import SHARDS_HELP, LabelStore, examples, footprint_box, open_matching
+from shards.manifest import Manifest
 from shards.reader import read_shard
 
 
@@ -83,13 +83,16 @@ def render(image: Image.Image, scores: np.ndarray, classes: np.ndarray, box: tup
 
 
 def show(store_path: Path, key: str, out: Path, shards: Path | None = None) -> None:
-    store = open_store(store_path)
-    shards = store_shards(store, shards)
-    names = load_manifest(shards).classes
+    picture(*open_matching(store_path, shards), key, out)
+
+
+def picture(store: LabelStore, manifest: Manifest, key: str, out: Path) -> None:
+    """The three panels of one key's map, of a store that fits its shards (`open_matching`)."""
+    names = manifest.classes
     row = find_row(store, key)
     if not store.valid()[row]:
         raise UserError(f"{store.path}: {key} was skipped as a corrupt sample during the dump; it has no labels")
-    image, cls = load_image(shards, store, row)
+    image, cls = load_image(manifest.root, store, row)
     scores, classes = store.read_rows(row, row + 1)
     box = footprint_box(store.footprint, image.width, image.height)
     labeler = store.attrs["labeler"]["model"]
@@ -110,14 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.first is not None and args.first < 1:
         raise UserError(f"--first must be at least 1, got {args.first}")
+    store, manifest = open_matching(args.store, args.shards)
     if args.key is not None:
         pictures = {args.key: args.out}
     else:
-        store = open_store(args.store)
         keys = store.keys[store.valid().astype(bool)][: args.first].tolist()
         pictures = {key: args.out / f"{key.replace('/', '_')}.png" for key in keys}
     for key, out in pictures.items():
-        show(args.store, key, out, args.shards)
+        picture(store, manifest, key, out)
         print(f"wrote {out}")
 
 

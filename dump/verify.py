@@ -1,8 +1,9 @@
 """Check a label store against its shards: `python -m dump.verify STORE [--shards DIR]`; one line per failure.
 
-Checked: the store is complete; its attributes agree with the shards' manifest (split, key digest, count,
-classes, shard layout); every key of the split is present once, in order; array shapes and dtypes; in
-labelled rows no NaN/inf, scores descending along k, class ids in [0, K) and distinct per token; skipped rows
+Checked: the store is complete; its attributes agree with the shards' manifest (split, key and content
+digests, count, classes, shard layout); each tar shard is the one labelled (its sha256); every done shard has
+all its chunk files; every key of the split is present once, in order; array shapes and dtypes; in labelled
+rows no NaN/inf, scores descending along k, class ids in [0, K) and distinct per token; skipped rows
 (valid == 0, the skip policy's corrupt samples) are exactly the ones listed in the `skipped` attribute and hold
 NaN scores and -1 ids.
 """
@@ -15,7 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import cli
-from dump.store import SHARDS_HELP, LabelStore, dataset_attrs, misplaced_keys, open_store, store_shards
+from dump.store import (
+    SHARDS_HELP,
+    LabelStore,
+    content_problem,
+    dataset_attrs,
+    misplaced_keys,
+    missing_chunks,
+    open_store,
+    store_shards,
+)
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import split_keys
 
@@ -26,7 +36,8 @@ def check_layout(store: LabelStore) -> list[str]:
     n = a["dataset"]["count"]
     want = {"scores": ((n, a["k"], *a["grid"]), "float16"),
             "classes": ((n, a["k"], *a["grid"]), "int16" if a["num_classes"] <= 32767 else "int32"),
-            "keys": ((n,), None), "valid": ((n,), "uint8"), "done": ((len(a["dataset"]["shards"]),), "uint8")}
+            "keys": ((n,), None), "valid": ((n,), "uint8"), "done": ((len(a["dataset"]["shards"]),), "uint8"),
+            "shard_sha256": ((len(a["dataset"]["shards"]),), None), "dump_id": ((len(a["dataset"]["shards"]),), None)}
     failures = []
     for name, (shape, dtype) in want.items():
         if name not in g:
@@ -96,13 +107,17 @@ def verify_store(path: str | Path, shards: str | Path | None = None) -> tuple[li
     if not attrs.get("complete") or not done.all():
         failures.append(f"{store.path}: incomplete ({int(done.sum())} of {len(done)} shards done, "
                         f"complete={attrs.get('complete')}); run the same dump command again")
-    want = {k: v for k, v in dataset_attrs(manifest, split).items() if k != "root"}  # a store may live anywhere
+    # a store may live anywhere (root); its content is checked tar shard by tar shard below, naming the first
+    want = {k: v for k, v in dataset_attrs(manifest, split).items() if k not in ("root", "content_digest")}
     for field, value in want.items():
         if attrs["dataset"].get(field) != value:
             failures.append(f"{store.path}: dataset.{field} is {str(attrs['dataset'].get(field))[:80]!r}, "
                             f"{manifest.root}/manifest.json has {str(value)[:80]!r}")
     if attrs["num_classes"] != manifest.num_classes:
         failures.append(f"{store.path}: num_classes {attrs['num_classes']}, the shards have {manifest.num_classes}")
+    if attrs["dataset"]["shards"] == want["shards"]:  # the same tar files: compare their bytes and chunk files
+        failures += [f"{store.path}: {problem}" for problem in (content_problem(store, manifest, split),
+                                                                missing_chunks(store)) if problem]
     valid = store.valid()
     failures += check_keys(store, split_keys(manifest.root, split), valid)
     listed = {entry["row"] for entry in attrs.get("skipped", [])}

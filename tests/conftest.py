@@ -79,3 +79,23 @@ def dataset(tmp_path_factory, lvvit_store):
     build_demo(root, train=16, val=8, per_shard=8)
     rng = np.random.default_rng(0)
     return root, lvvit_store(root, lambda row, key: stored_map(key, rng), 64)
+
+
+@pytest.fixture(scope="session")
+def fill_store():
+    """fill(group, manifest, split, scores, classes, keys, valid=None): write a new store's rows (all of `split`,
+    [N, ...] arrays) tar shard by tar shard as a dump does (dump.store.write_shard), then mark it complete."""
+    import numpy as np
+
+    from dump.store import mark_complete, shard_range, write_shard
+
+    def fill(group, manifest, split, scores, classes, keys, valid=None):
+        valid = np.ones(len(keys), np.uint8) if valid is None else valid
+        shards = group.attrs["dataset"]["shards"]
+        for position, sha256 in enumerate(manifest.shard_digests(split)):
+            rows = slice(*shard_range(shards, position))
+            write_shard(group, position, scores=scores[rows], classes=classes[rows], valid=valid[rows],
+                        keys=list(keys[rows]), sha256=sha256)
+        return mark_complete(group)
+
+    return fill

@@ -43,7 +43,7 @@ from shards.reader import read_shard, split_keys
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, TOPK = 4, 5  # shards of 6 images: batches of 4 + 2 (each cut from one shard), so partial batches are covered
 SHIFT = 3.5  # fan_demo_tiny_p8's stride-2 conv stem centres token c at 8c + 0.5 px: the view moves by 4 - 0.5
-ARRAYS = ("scores", "classes", "keys", "valid", "done")
+ARRAYS = ("scores", "classes", "keys", "valid", "shard_sha256", "done")  # all but dump_id: each dump has its own
 
 
 def make_checkpoint(path: Path, seed: int) -> Path:
@@ -97,7 +97,8 @@ def done_count(store: Path) -> int:
 
 def assert_same_store(a: Path, b: Path) -> None:
     ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    assert dict(ga.attrs) == dict(gb.attrs)
+    assert {**ga.attrs, "dump_id": None} == {**gb.attrs, "dump_id": None}
+    assert (ga["dump_id"][:] == ga.attrs["dump_id"]).all() and (gb["dump_id"][:] == gb.attrs["dump_id"]).all()
     for name in ARRAYS:
         x, y = ga[name][:], gb[name][:]
         if x.dtype == np.float16:

@@ -16,8 +16,9 @@ from core.engine import evaluate
 from core.eval_data import EvalTransform
 from core.label_quality import LabelQuality, cell_truth, top1_confidence
 from shards.demo import build_demo
+from shards.manifest import load_manifest
 from shards.reader import ShardReader
-from train.eval import load_model, main
+from train.eval import check_classes, load_model, main
 from train.models import build_student
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -76,7 +77,7 @@ def test_accuracies_match_the_model_run_by_hand(setup):
     root, ckpt = setup
     model, meta = load_model(ckpt)
     assert meta == {"kind": "student", "model": "fan_demo_tiny_p8", "num_classes": 10, "img_size": 64,
-                    "dense_head_trained": True}
+                    "dense_head_trained": True, "classes": None}  # a checkpoint recording no class names
     clean, noisy = by_hand(model, root), by_hand(model, root, "gaussian_noise", 5)
     # preconditions: mixing up the scores or the passes would show
     assert clean["disagree"] > 0 and clean["top1"] != clean["top1_combined"] and clean["top1"] != noisy["top1"]
@@ -131,3 +132,18 @@ def test_command_line_writes_eval_json_and_refuses_bad_input(setup, tmp_path, ca
             main(args)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and message in err[0], (args, err)
+
+
+def test_a_checkpoint_recording_its_class_names_refuses_other_shards(setup, tmp_path, capsys):
+    """A checkpoint that records its dataset's class names (a field core.checkpoint may write) is evaluated only
+    on shards with the same names in the same order: other shards with as many classes are refused in one line."""
+    root, ckpt = setup
+    recorded = torch.load(ckpt, weights_only=False)
+    names = load_manifest(root).classes
+    check_classes(ckpt, names, load_manifest(root))
+    torch.save({**recorded, "classes": names[::-1]}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "other.pt"), "--shards", str(root), "--corruptions", "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert f"other.pt: trained on 10 classes, {root} has 10, and class 0 is '9' there but '0' here" in err[0]

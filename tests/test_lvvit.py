@@ -98,7 +98,7 @@ def many_classes(demo_shards, tmp_path):
     return root
 
 
-def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path):
+def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path, fill_store):
     keys = split_keys(many_classes, "train")
     files = write_lvvit_dir(tmp_path / "files", keys, num_classes=2049)  # ids up to 2048: exact in float16
     import_lvvit(files, tmp_path / "ok.zarr", many_classes)
@@ -113,9 +113,8 @@ def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path):
     attrs = store_attrs(num_classes=3000, k=1, grid=(1, 1), footprint=make_footprint(64), labeler={},
                         dataset=dataset_attrs(manifest, "train"), producer={})
     group = create_store(tmp_path / "wide.zarr", attrs)
-    group["scores"][:], group["classes"][:] = 0, 2049
-    group["keys"][:], group["valid"][:], group["done"][:] = np.array(keys, dtype=str), 1, 1
-    mark_complete(group)
+    n = len(keys)
+    fill_store(group, manifest, "train", np.zeros((n, 1, 1, 1)), np.full((n, 1, 1, 1), 2049), keys)
     with pytest.raises(UserError, match=r"row 0 .*class id 2049 > 2048 cannot be exact"):
         export_lvvit(tmp_path / "wide.zarr", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from common.errors import UserError
 from core.label_quality import BACKGROUND, MIXED, LabelQuality, cell_truth, top1_confidence
 from dump.quality import main as quality_main
 from dump.quality import store_quality
-from dump.store import create_store, dataset_attrs, footprint_box, make_footprint, mark_complete, store_attrs
+from dump.store import create_store, dataset_attrs, footprint_box, make_footprint, store_attrs
 from shards.build import build
 from shards.manifest import load_manifest
 from shards.reader import read_shard
@@ -59,33 +59,35 @@ def test_confidence_is_over_the_top_k_as_a_store_keeps_them():
     assert cls.item() == 0 and conf.item() == pytest.approx(np.exp(3) / (np.exp(3) + np.exp(1)))
 
 
-def write_store(path, shards, cell_label):
-    """A complete store over the train split whose top-1 per cell is cell_label(sample, truth) (confidence 0.9)."""
-    manifest = load_manifest(shards)
-    grid = (8, 8)
-    attrs = store_attrs(num_classes=10, k=2, grid=grid, footprint=make_footprint(64),
-                        labeler={"model": "hand-made"}, dataset=dataset_attrs(manifest, "train"),
-                        producer={"tool": "test"})
-    group = create_store(path, attrs)
-    scores = np.zeros((manifest.count("train"), 2, *grid), np.float16)
-    classes = np.zeros(scores.shape, np.int16)
-    keys = []
-    for name, _ in manifest.shards("train"):
-        for sample in read_shard(shards, "train", name):
-            truth = cell_truth(np.asarray(sample["mask"]), footprint_box(attrs["footprint"], 64, 64), grid)
-            top = np.asarray(cell_label(sample, truth)).reshape(grid)
-            row = sample["index"]
-            classes[row, 0], classes[row, 1] = top, (top + 1) % 10
-            scores[row, 0], scores[row, 1] = np.log(9.0), 0.0  # softmax over the two: 0.9 / 0.1
-            keys.append(sample["key"])
-    group["scores"][:], group["classes"][:], group["keys"][:] = scores, classes, np.array(keys)
-    group["valid"][:] = 1
-    group["done"][:] = 1
-    mark_complete(group)
-    return path
+@pytest.fixture
+def write_store(fill_store):
+    """make(path, shards, cell_label): a complete store over the train split whose top-1 per cell is
+    cell_label(sample, truth) (confidence 0.9)."""
+    def make(path, shards, cell_label):
+        manifest = load_manifest(shards)
+        grid = (8, 8)
+        attrs = store_attrs(num_classes=10, k=2, grid=grid, footprint=make_footprint(64),
+                            labeler={"model": "hand-made"}, dataset=dataset_attrs(manifest, "train"),
+                            producer={"tool": "test"})
+        group = create_store(path, attrs)
+        scores = np.zeros((manifest.count("train"), 2, *grid), np.float16)
+        classes = np.zeros(scores.shape, np.int16)
+        keys = []
+        for name, _ in manifest.shards("train"):
+            for sample in read_shard(shards, "train", name):
+                truth = cell_truth(np.asarray(sample["mask"]), footprint_box(attrs["footprint"], 64, 64), grid)
+                top = np.asarray(cell_label(sample, truth)).reshape(grid)
+                row = sample["index"]
+                classes[row, 0], classes[row, 1] = top, (top + 1) % 10
+                scores[row, 0], scores[row, 1] = np.log(9.0), 0.0  # softmax over the two: 0.9 / 0.1
+                keys.append(sample["key"])
+        fill_store(group, manifest, "train", scores, classes, keys)
+        return path
+
+    return make
 
 
-def test_a_store_that_repeats_the_image_class_scores_zero_on_other_objects(demo_shards, tmp_path):
+def test_a_store_that_repeats_the_image_class_scores_zero_on_other_objects(demo_shards, tmp_path, write_store):
     store = write_store(tmp_path / "broadcast.zarr", demo_shards, lambda s, truth: np.full(64, s["cls"]))
     report = store_quality(store, demo_shards)
     assert report["label_cells"]["other"] > 0 and report["label_cells"]["target"] > 0
@@ -94,7 +96,7 @@ def test_a_store_that_repeats_the_image_class_scores_zero_on_other_objects(demo_
     assert report["label_object_confidence"] == pytest.approx(0.9, abs=1e-3)
 
 
-def test_a_store_that_names_what_each_cell_shows_scores_full_marks(demo_shards, tmp_path, capsys):
+def test_a_store_that_names_what_each_cell_shows_scores_full_marks(demo_shards, tmp_path, write_store, capsys):
     def oracle(sample, truth):
         return np.where(truth >= 0, truth, (sample["cls"] + 1) % 10)  # background: never the image class
 
@@ -107,7 +109,7 @@ def test_a_store_that_names_what_each_cell_shows_scores_full_marks(demo_shards, 
     assert report["label_background_image_class"] == 0.0
 
 
-def test_quality_needs_masks(demo_shards, tmp_path):
+def test_quality_needs_masks(demo_shards, tmp_path, write_store):
     for split in ("train", "val"):
         (tmp_path / "f" / split / "a").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "f" / split / "a" / "x.png")

@@ -21,7 +21,6 @@ from dump.store import (
     footprint_box,
     identity_differences,
     make_footprint,
-    mark_complete,
     open_store,
     store_attrs,
     store_lock,
@@ -43,21 +42,23 @@ def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.
     return scores, classes
 
 
-def filled_store(path, manifest: Manifest, split: str = "train", seed: int = 0):
-    """A complete store with random valid maps for every key of `split`."""
-    attrs = store_attrs(num_classes=manifest.num_classes, k=K, grid=GRID, footprint=make_footprint(64),
-                        labeler={"model": "test"}, dataset=dataset_attrs(manifest, split), producer={"tool": "test"})
-    group = create_store(path, attrs)
-    n = manifest.count(split)
-    group["scores"][:], group["classes"][:] = random_maps(np.random.default_rng(seed), n, manifest.num_classes)
-    group["keys"][:] = np.array(split_keys(manifest.root, split), dtype=str)
-    group["valid"][:], group["done"][:] = 1, 1
-    mark_complete(group)
-    return group
+@pytest.fixture
+def filled_store(fill_store):
+    """make(path, manifest, split="train", seed=0): a complete store with random valid maps for every key."""
+    def make(path, manifest: Manifest, split: str = "train", seed: int = 0):
+        attrs = store_attrs(num_classes=manifest.num_classes, k=K, grid=GRID, footprint=make_footprint(64),
+                            labeler={"model": "test"}, dataset=dataset_attrs(manifest, split),
+                            producer={"tool": "test"})
+        group = create_store(path, attrs)
+        scores, classes = random_maps(np.random.default_rng(seed), manifest.count(split), manifest.num_classes)
+        fill_store(group, manifest, split, scores, classes, split_keys(manifest.root, split))
+        return group
+
+    return make
 
 
 @pytest.fixture
-def store(demo_shards, tmp_path):
+def store(demo_shards, tmp_path, filled_store):
     filled_store(tmp_path / "labels.zarr", load_manifest(demo_shards))
     return open_store(tmp_path / "labels.zarr")
 
@@ -75,14 +76,15 @@ def test_chunks_follow_tar_shard_boundaries(tmp_path):
     assert chunk_rows([6, 6, 6, 2]) == 6 and chunk_rows([6, 6, 6, 8]) == 6 and chunk_rows([5]) == 5
     assert chunk_rows([4, 6, 8, 3]) == 2  # uneven shards: the gcd, so each chunk still lies in one tar shard
     counts = [4, 6, 8, 3]
-    split = {"shards": [{"file": f"train-{i:06d}.tar", "count": c} for i, c in enumerate(counts)],
+    split = {"shards": [{"file": f"train-{i:06d}.tar", "count": c, "sha256": f"{i:064x}"} for i, c in enumerate(counts)],
              "count": sum(counts), "digest": "sha256:x"}
     manifest = Manifest(tmp_path, [str(i) for i in range(10)], False, {"train": split})
     attrs = store_attrs(num_classes=10, k=K, grid=GRID, footprint=make_footprint(64), labeler={},
                         dataset=dataset_attrs(manifest, "train"), producer={})
     group = create_store(tmp_path / "uneven.zarr", attrs)
     assert group["scores"].chunks == (2, K, *GRID) and group["keys"].chunks == (2,)
-    assert group["done"].shape == (4,) and group["done"].chunks == (1,)
+    assert group["done"].shape == group["shard_sha256"].shape == group["dump_id"].shape == (4,)
+    assert group["done"].chunks == group["shard_sha256"].chunks == group["dump_id"].chunks == (1,)
     store = LabelStore(tmp_path / "uneven.zarr")
     assert [store.shard_rows(i) for i in range(4)] == [(0, 4), (4, 10), (10, 18), (18, 21)]
     assert np.isnan(store.read_rows(0, 21)[0]).all() and (store.read_rows(0, 21)[1] == -1).all()

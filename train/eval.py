@@ -11,7 +11,8 @@ and writes JSON with:
 - corrupt_acc: mean class-head top-1 over a fixed set of ImageNet-C corruptions (the `corrupt-tta` package) at
   fixed severities, applied to the eval view's uint8 image, seeded per sample; with a baseline's eval JSON,
   mce: ImageNet-C's mean corruption error, sum over severities of errors relative to the baseline's, in percent.
-Every image is seen through core.eval_view: the centred square of side --crop-pct x its shorter side.
+Every image is seen through core.eval_view: the centred square of side --crop-pct x its shorter side. A checkpoint
+that records its dataset's class names (`classes`) is evaluated only on shards with the same names, in order.
 """
 
 import argparse
@@ -29,6 +30,7 @@ from core.corruptions import CORRUPTIONS, SEVERITIES, check_baseline, check_corr
 from core.engine import evaluate
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
+from shards.manifest import Manifest, load_manifest
 from train.models import build_student
 
 EVAL_JSON = "eval.json"
@@ -43,7 +45,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """
     ckpt = read_checkpoint(path)
     if ckpt.get("kind", "labeler") == "labeler":
-        return load_labeler(path, device)
+        model, meta = load_labeler(path, device)
+        return model, {**meta, "classes": ckpt.get("classes")}
     size = img_size or ckpt["img_size"]
     model = build_student(ckpt["model"], ckpt["num_classes"], size, **ckpt["model_kwargs"])
     try:
@@ -51,9 +54,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     except RuntimeError as e:
         raise UserError(f"{path}: {ckpt['model']} was trained at {ckpt['img_size']} px and its weights do not fit "
                         f"{size} px ({str(e).splitlines()[-1].strip()}); evaluate without --img-size") from e
-    meta = {"kind": "student", **{k: ckpt[k] for k in ("model", "num_classes", "img_size")}}
+    meta = {"kind": "student", **{k: ckpt[k] for k in ("model", "num_classes", "img_size")},
+            "classes": ckpt.get("classes")}
     meta["dense_head_trained"] = ckpt.get("dense_head_trained", True)
     return model.to(device).eval(), meta
+
+
+def check_classes(checkpoint: Path, classes: list[str] | None, manifest: Manifest) -> None:
+    """Refuse (one line) shards whose class names differ from those the checkpoint records (if it records them)."""
+    here = manifest.classes
+    if classes is None or classes == here:
+        return
+    at = next(i for i in range(max(len(classes), len(here))) if classes[i:i + 1] != here[i:i + 1])
+    raise UserError(f"{checkpoint}: trained on {len(classes)} classes, {manifest.root} has {len(here)}, and class "
+                    f"{at} is {(classes[at:at + 1] or ['none'])[0]!r} there but {(here[at:at + 1] or ['none'])[0]!r} "
+                    "here; evaluate it on the dataset it was trained on")
 
 
 def read_eval(path: str | Path) -> dict[str, Any]:
@@ -93,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if baseline is not None:  # before the evaluation, not after it
         check_baseline(baseline, [f"{name}/{severity}" for name in corruptions for severity in args.severities])
     model, meta = load_model(args.checkpoint, args.device, args.img_size)
+    check_classes(args.checkpoint, meta["classes"], load_manifest(args.shards))
     size = args.img_size or meta["img_size"]
     # students train on ImageNet's normalisation (train.student); a labeler on its model's data config, and it
     # sees the view its dump renders (shifted where its tokens are off-centre, labeler.receptive)
