@@ -45,7 +45,7 @@ from dump.store import (
     write_shard,
 )
 from dump.verify import verify_store
-from shards.manifest import load_manifest
+from shards.manifest import check_key, load_manifest
 from shards.reader import split_keys
 
 MAX_EXACT_ID = 2048  # the largest n such that every integer 0..n is exact in float16
@@ -62,14 +62,13 @@ def check_ids(ids: np.ndarray, num_classes: int, where: str) -> None:
 
 
 def label_file(folder: Path, key: str, where: str) -> Path:
-    """`<folder>/<key>.pt`, for a key that is a plain relative path staying inside `folder`; else one line.
-
-    (A local check until shards/ has its own key check: then that one refuses such keys first.)"""
+    """`<folder>/<key>.pt` for a safe key (shards.manifest.check_key) whose file stays inside `folder`; else one
+    line."""
+    check_key(key, where)
     path = folder / f"{key}.pt"
-    plain = not key.startswith("/") and not {"\\", "\0"} & set(key) and ".." not in key.split("/")
-    if not plain or not path.resolve().is_relative_to(folder.resolve()):
-        raise UserError(f"{where}: key {key!r} is not a plain relative path (absolute, '..', a backslash or NUL): "
-                        "as a file name it would land outside the folder; rename the sample and rebuild the shards")
+    if not path.resolve().is_relative_to(folder.resolve()):  # e.g. through a symlinked class folder
+        raise UserError(f"{where}: key {key!r} as a file name lands outside {folder}; remove the link or choose "
+                        "another folder")
     return path
 
 

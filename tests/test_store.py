@@ -77,7 +77,7 @@ def test_chunks_follow_tar_shard_boundaries(tmp_path):
     assert chunk_rows([4, 6, 8, 3]) == 2  # uneven shards: the gcd, so each chunk still lies in one tar shard
     counts = [4, 6, 8, 3]
     split = {"shards": [{"file": f"train-{i:06d}.tar", "count": c, "sha256": f"{i:064x}"} for i, c in enumerate(counts)],
-             "count": sum(counts), "digest": "sha256:x"}
+             "count": sum(counts), "digest": "sha256:x", "content_digest": "sha256:y"}
     manifest = Manifest(tmp_path, [str(i) for i in range(10)], False, {"train": split})
     attrs = store_attrs(num_classes=10, k=K, grid=GRID, footprint=make_footprint(64), labeler={},
                         dataset=dataset_attrs(manifest, "train"), producer={})

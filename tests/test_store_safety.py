@@ -2,6 +2,7 @@
 is written durably, and `--overwrite` replaces only our own outputs: the attacks, run for real (real tar shards,
 Zarr on disk, subprocess CLIs, strace of the real system calls)."""
 
+import hashlib
 import io
 import json
 import os
@@ -37,7 +38,7 @@ from dump.store import (
 from dump.verify import verify_store
 from shards.build import Sample, prepare_out, write_dataset
 from shards.demo import CLASSES, build_demo, demo_samples
-from shards.manifest import keys_digest, load_manifest, write_manifest
+from shards.manifest import content_digest, keys_digest, load_manifest, write_manifest
 from shards.reader import split_keys
 from train.augment import LabelAwareTransform
 from train.data import StudentData
@@ -90,7 +91,7 @@ def rebuild_with_other_images(root: Path) -> None:
     for split, count in (("train", TRAIN), ("val", VAL)):
         pairs = zip(demo_samples(split, count, 64, 0), demo_samples(split, count, 64, 1))
         splits[split] = ((Sample(a.key, a.image_ext, b.image, a.cls, b.mask) for a, b in pairs), count)
-    write_dataset(root, CLASSES, splits, has_masks=True, per_shard=PER_SHARD, hflip=False)
+    write_dataset(root, CLASSES, splits, per_shard=PER_SHARD, hflip=False)
 
 
 def test_other_images_under_the_same_keys_are_refused_by_every_reader(dataset, tmp_path):
@@ -271,6 +272,10 @@ def test_export_overwrite_replaces_only_our_export(dataset, tmp_path):
         import_lvvit(files, root, root, overwrite=True)
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def crafted_shards(root: Path, keys: list[str]) -> Path:
     """A shard folder whose one train tar (built with tarfile) holds these member names, listed by its manifest."""
     root.mkdir()
@@ -282,9 +287,10 @@ def crafted_shards(root: Path, keys: list[str]) -> Path:
                 member = tarfile.TarInfo(f"{key}.{ext}")
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
-    split = {"shards": [{"file": "train-000000.tar", "count": len(keys)}], "count": len(keys),
-             "digest": keys_digest(keys)}
-    write_manifest(root, ["0", "1"], False, {"train": split})
+    shards = [{"file": "train-000000.tar", "count": len(keys), "sha256": sha256_of(root / "train-000000.tar")}]
+    split = {"shards": shards, "count": len(keys), "digest": keys_digest(keys), "content_digest": content_digest(shards),
+             "masks": 0}
+    write_manifest(root, ["0", "1"], {"train": split})
     return root
 
 
@@ -299,12 +305,12 @@ def test_keys_that_would_leave_the_folder_are_refused(tmp_path, fill_store, bad)
     store = tmp_path / "crafted.zarr"
     fill_store(create_store(store, attrs), manifest, "train", np.zeros((2, 1, 1, 1)), np.zeros((2, 1, 1, 1)), keys)
     out = tmp_path / "deep" / "export"
-    refused = rf"crafted.zarr: row 1: key '{re.escape(bad)}' is not a plain relative path"
+    refused = rf"crafted.zarr: row 1: key '{re.escape(bad)}' (is an absolute path|has an empty, '.' or '..')"
     with pytest.raises(UserError, match=refused):
         export_lvvit(store, out)
     assert not out.exists() and not list(tmp_path.rglob("*.pt"))  # before: deep/ESCAPED.pt, or the absolute path
     assert not list(out.parent.glob("export.partial-*"))
     files = tmp_path / "files"
     (files / "0").mkdir(parents=True)
-    with pytest.raises(UserError, match=rf"crafted: split 'train': key '{re.escape(bad)}' is not a plain relative"):
+    with pytest.raises(UserError, match=rf"train-000000.tar: key '{re.escape(bad)}' (is an absolute|has an empty)"):
         import_lvvit(files, tmp_path / "imported.zarr", root)
