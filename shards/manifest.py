@@ -47,6 +47,17 @@ class Manifest:
     def digest(self, split: str) -> str:
         return self.split(split)["digest"]
 
+    def content_digest(self, split: str) -> str:
+        """"sha256:<hex>" of the split's shard files' bytes, in order (the manifest's, where it records one)."""
+        recorded = self.split(split).get("content_digest")
+        if recorded is not None:
+            return recorded
+        digest = hashlib.sha256()
+        for name, _ in self.shards(split):
+            with open(self.root / name, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        return "sha256:" + digest.hexdigest()
+
     def offsets(self, split: str) -> list[int]:
         """Row of each shard's first sample in the split's order."""
         rows, total = [], 0
