@@ -67,7 +67,7 @@ def read_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, An
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         if sha256 is not None and digest != sha256:
             raise UserError(f"{path}: replaced since this job read it (sha256 {sha256[:12]}..., now {digest[:12]}...); "
-                            f"one job uses one checkpoint: run it again")
+                            f"a job reads one checkpoint throughout: run it again once the file stays as it is")
         f.seek(0)
         try:
             ckpt = torch.load(f, map_location="cpu", weights_only=True)

@@ -333,9 +333,8 @@ class ShardWriter:
             if error is not None:
                 self.failed.set()
                 raise UserError(f"{self.job.store}: writing shard {self.job.shard(position)[0]} failed "
-                                f"({first_line(error)}); the shards written before it are "
-                                f"kept: fix the cause (e.g. free disk space) and run the same command again to "
-                                f"resume") from None
+                                f"({first_line(error)}); the shards written before it are kept: fix the cause "
+                                f"(e.g. free disk space) and run the same command again to resume") from None
             if write.result() is not None:
                 self.reports.append(write.result())
 
