@@ -94,8 +94,8 @@ class Runner:
 
     def run_stage(self, stage: Stage, threads: int | None) -> None:
         """Run a stage's commands unless its record matches its identity; on a changed configuration clear its
-        `fresh` paths first. With `threads` (stages run side by side) its output goes to a log file and each of
-        its commands gets that many torch threads."""
+        `fresh` paths first (`clear`: only what is marked as ours). With `threads` (stages run side by side) its
+        output goes to a log file and each of its commands gets that many torch threads."""
         record_path = self.records / f"{stage.name}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record and record["identity"] == stage.ident and all(p.exists() for p in stage.outputs):
