@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from core.checkpoint import save_checkpoint
+from core.checkpoint import read_checkpoint, save_checkpoint
 from dump.dump_labels import dump
 from dump.labelling import DumpJob, Labeler, shard_batches
 from dump.local_engine import PendingShards
@@ -90,7 +90,7 @@ def job_for(shards: Path, checkpoint: Path, args: argparse.Namespace, device: st
     manifest = load_manifest(shards)
     return DumpJob(manifest, "train", str(checkpoint), "", args.topk, make_footprint(args.input_size),
                    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), args.batch_size, os.cpu_count(), "raise",
-                   device, precision, decode)
+                   device, precision, decode, read_checkpoint(checkpoint)["sha256"])
 
 
 def sync(device: str) -> None:

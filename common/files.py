@@ -1,4 +1,5 @@
-"""Files tokenlabel writes: durable atomic publishing, the marker that says an output is ours, and overlap checks.
+"""Files tokenlabel writes: durable atomic publishing, the marker that says an output is ours, overlap checks, and
+the lock that keeps a second writer out.
 
 Every output is written under a temporary name unique to its writer, flushed to disk (fsync of the file and of
 its folder), then renamed into place: a reader sees the old version whole or the new one whole, and a crash or a
@@ -8,9 +9,12 @@ file), and never one that is or holds an input of the same command.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -111,3 +115,34 @@ def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], fla
         if path is not None and (holds(out, path) or (inside and holds(path, out))):
             raise UserError(f"{flag} {out}: is, holds or sits inside {name} {path}; writing there could destroy "
                             f"the input: choose an output folder apart from it")
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: str | Path, busy: str) -> Iterator[None]:
+    """Hold an flock on the file `lock` (released by the kernel even on kill -9) for the block; while another
+    process holds it, refuse in one line: `busy`, then the owner's pid and host the file records.
+
+    The file is removed on release; the inode check makes a process that locked a just-removed file try again
+    instead of sharing the lock.
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{busy} ({owner}; lock {lock}); wait for it to finish or stop it, then run again") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+        os.close(fd)

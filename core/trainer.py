@@ -2,25 +2,41 @@
 resumption, and one writer (rank 0) of DIR/metrics.jsonl (one JSON object per epoch) and DIR/last.pt.
 
 A trainer (labeler.train's, train.student's) subclasses `Trainer`: it builds its model and training split,
-calls `setup`, and sets `objective` (core.engine.Objective); `finish` runs once the schedule is complete.
+calls `setup`, and sets `objective` (core.engine.Objective) and `data` (what it learns from, which a resumption
+must find unchanged); `finish` runs once the schedule is complete. Rank 0 holds DIR/run.lock while it runs, so a
+second trainer on the same DIR is refused; a DIR the trainer creates (or finds empty) is marked as a tokenlabel
+run (common.files.write_marker), which is what lets a pipeline clear it.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.files import exclusive_lock, write_marker
 from core.checkpoint import read_checkpoint, save_checkpoint
 from core.data import TrainSplit, steps_per_epoch
 from core.distributed import barrier, leave_distributed, setup_distributed, training_module
 from core.engine import Objective, evaluate, train_one_epoch
 from core.optim import Optimization
-from core.resume import check_resumable, check_same_run, resume_point, rewrite_metrics, saved_args
+from core.resume import (
+    DataIdentity,
+    check_resumable,
+    check_same_data,
+    check_same_run,
+    resume_point,
+    rewrite_metrics,
+    saved_args,
+)
+
+RUN_LOCK = "run.lock"
 
 
 class Trainer:
@@ -32,6 +48,7 @@ class Trainer:
     mean: tuple[float, ...]       # the model's input normalisation
     std: tuple[float, ...]
     objective: Objective
+    data: DataIdentity            # what the run learns from: {"train images": (content digest, folder), ...}
     view_shift: float = 0.0       # a labeler's eval-view shift (labeler.receptive); 0 for students
     dense_head_trained: bool = True  # whether the loss trains the model's per-token head (evaluate, checkpoint)
 
@@ -65,7 +82,6 @@ class Trainer:
 
     def resume(self) -> None:
         a = self.args
-        a.out.mkdir(parents=True, exist_ok=True)
         path = resume_point(a)
         if path is None:
             return
@@ -73,6 +89,7 @@ class Trainer:
         check_resumable(ckpt, path, a, self.identity["num_classes"], self.identity["img_size"])
         state = ckpt["train_state"]
         check_same_run(state["args"], a, path, self.resume_free)
+        check_same_data(state.get("data"), self.data, path)
         self.model.load_state_dict(ckpt["state_dict"])
         self.optim.ema.module.load_state_dict(ckpt["ema"])
         self.optim.load_state_dict(state)
@@ -82,7 +99,8 @@ class Trainer:
             print(f"resumed from {path} after epoch {self.epoch}", file=sys.stderr)
 
     def save(self) -> None:
-        state = {"epoch": self.epoch, "step": self.step, **self.optim.state_dict(), "args": saved_args(self.args)}
+        state = {"epoch": self.epoch, "step": self.step, **self.optim.state_dict(), "args": saved_args(self.args),
+                 "data": self.data}
         save_checkpoint(self.args.out / "last.pt", **self.identity, model=self.model, ema=self.optim.ema.module,
                         train_state=state, kind=self.kind, dense_head_trained=self.dense_head_trained)
 
@@ -101,21 +119,35 @@ class Trainer:
                                              desc=f"epoch {self.epoch + 1}/{a.epochs}", show=self.main_process)
         return metrics
 
+    @contextlib.contextmanager
+    def run_folder(self) -> Iterator[None]:
+        """DIR, created if need be; on rank 0 its lock, held until the run ends, and the run marker of a new DIR."""
+        out = self.args.out
+        new = not out.is_dir() or not any(out.iterdir())
+        out.mkdir(parents=True, exist_ok=True)
+        busy = f"{out}: another trainer is writing this run folder"
+        with exclusive_lock(out / RUN_LOCK, busy) if self.main_process else contextlib.nullcontext():
+            if new and self.main_process:
+                write_marker(out, "run", trainer=self.kind)
+            yield
+
     def run(self) -> None:
-        """Resume, then train and evaluate epoch after epoch up to --epochs (or --stop-after), then `finish`."""
+        """In the run folder: resume, then train and evaluate epoch after epoch up to --epochs (or --stop-after),
+        then `finish`."""
         a = self.args
-        self.resume()
-        stop = min(a.epochs, a.stop_after or a.epochs)
-        while self.epoch < stop:
-            started = time.time()
-            train = self.train_epoch()
-            self.epoch += 1
-            self.write_epoch({"epoch": self.epoch, **self.evaluate(), **train, "lr": self.optim.lr,
-                              "time": time.time() - started})
-        if self.main_process:
-            print(f"{a.out / 'last.pt'}: {self.epoch}/{a.epochs} epochs", flush=True)
-        if self.epoch == a.epochs:
-            self.finish()
+        with self.run_folder():
+            self.resume()
+            stop = min(a.epochs, a.stop_after or a.epochs)
+            while self.epoch < stop:
+                started = time.time()
+                train = self.train_epoch()
+                self.epoch += 1
+                self.write_epoch({"epoch": self.epoch, **self.evaluate(), **train, "lr": self.optim.lr,
+                                  "time": time.time() - started})
+            if self.main_process:
+                print(f"{a.out / 'last.pt'}: {self.epoch}/{a.epochs} epochs", flush=True)
+            if self.epoch == a.epochs:
+                self.finish()
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         """Rank 0 appends the epoch's record to metrics.jsonl, saves last.pt and prints the record; all wait."""

@@ -128,8 +128,9 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
          input_size: int | None = None, crop_pct: float = 1.0, batch_size: int = 256, threads: int = 1,
          precision: str = "auto", decode: str = "auto", engine: str = "ray", address: str | None = None,
          gpus_per_actor: float | None = None, actors: int | None = None, workers: int | None = None,
-         on_error: str = "raise", overwrite: bool = False) -> dict[str, Any]:
-    """Fill (or resume) the store at `out`; returns a summary with the labelling throughput."""
+         on_error: str = "raise", overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Fill (or resume) the store at `out`; returns a summary with the labelling throughput. `verbose`: Ray's own
+    reports (warnings, workers' output, its tracebacks of a failure) on stderr too."""
     manifest = load_manifest(shards)
     manifest.split(split)
     if min(topk, batch_size, threads) < 1 or (actors is not None and actors < 1):
@@ -151,7 +152,7 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
         if engine == "ray":
             from dump.ray_engine import start_ray
 
-            started_ray = start_ray(address)
+            started_ray = start_ray(address, verbose)
         try:
             device, gpus_per_actor, actors, cpus_per_actor = placement(engine, gpus_per_actor, actors, threads)
             precision = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
@@ -171,19 +172,21 @@ def dump(shards: Path, checkpoint: Path, out: Path, *, split: str = "train", top
             pending = [int(i) for i in np.flatnonzero(group["done"][:] == 0)]
             job = DumpJob(manifest, split, str(checkpoint.resolve()), str(out.resolve()), topk, footprint,
                           tuple(config["mean"]), tuple(config["std"]), batch_size, threads, on_error, device,
-                          precision, decode)
+                          precision, decode, meta["sha256"])
             writer = ShardWriter(job)
             try:
                 if pending and engine == "ray":
                     from dump.ray_engine import run_ray
 
-                    run_ray(job, pending, writer, actors, gpus_per_actor, cpus_per_actor)
+                    run_ray(job, pending, writer, actors, gpus_per_actor, cpus_per_actor, verbose)
                 elif pending:
                     from dump.local_engine import run_local
 
                     run_local(job, pending, writer, workers)
-            finally:
-                reports, rate = writer.finish()
+            except BaseException:
+                writer.stop()  # the shards complete so far are still written: a resume skips them
+                raise
+            reports, rate = writer.finish()
         finally:
             if started_ray:
                 import ray
@@ -231,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corrupt samples: stop naming shard and key, or record them in the store and go on")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a label store made with other settings (nothing but a label store)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own reports on stderr too: its warnings, its workers' output and its tracebacks of "
+                             "a failure (else a failure is one line, and Ray's reports stay in its log files)")
     return parser
 
 
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                    input_size=args.input_size, crop_pct=args.crop_pct, batch_size=args.batch_size,
                    threads=args.threads_per_actor, precision=args.precision, decode=args.decode, engine=args.engine,
                    address=args.address, gpus_per_actor=args.num_gpus_per_actor, actors=args.actors,
-                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite)
+                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite, verbose=args.verbose)
     if not summary["dumped_shards"]:
         print(f"{args.out}: already complete ({summary['rows']} rows); nothing to do")
         return

@@ -61,6 +61,7 @@ class DumpJob:
     device: str  # "cpu" or "cuda"
     precision: str  # a key of PRECISIONS
     decode: str  # one of DECODERS
+    sha256: str  # of the checkpoint the driver read: a labeler refuses a file with other bytes (replaced meanwhile)
 
     def shard(self, position: int) -> tuple[str, int]:
         """(file name, sample count) of tar shard `position` of the split."""
@@ -189,7 +190,7 @@ class Labeler:
         torch.backends.cudnn.deterministic = True
         if self.device.type == "cuda" and job.precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise UserError(f"{torch.cuda.get_device_name(self.device)} has no bfloat16; pass --precision fp16")
-        self.model, _ = load_labeler(job.checkpoint, self.device)
+        self.model, _ = load_labeler(job.checkpoint, self.device, job.sha256)
         self.dtype = PRECISIONS[job.precision]
         self.local = threading.local()
 
@@ -273,7 +274,9 @@ class ShardWriter:
         self.partial: dict[int, dict[str, Any]] = {}
         self.complete: set[int] = set()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.writes: list[Future] = []
+        self.writes: dict[Future, int] = {}  # writes not yet checked -> their shard's position
+        self.reports: list[dict[str, Any]] = []
+        self.failed = threading.Event()  # a write failed: the writes queued after it do not run
         self.first_result: float | None = None
         self.first_count = 0
 
@@ -281,8 +284,9 @@ class ShardWriter:
         """Take one labelled batch; a shard that is now complete is written in the background.
 
         A batch seen twice (a retried decode task yields its shard's batches again) counts once: its bits are
-        the same.
+        the same. A background write that failed since the last batch stops the dump here (`check`).
         """
+        self.check()
         if labelled.position in self.complete:
             return
         if self.first_result is None:
@@ -307,7 +311,32 @@ class ShardWriter:
         shard["labelled_on"].add(labelled.labelled_on)
         if shard["received"] == count:
             self.complete.add(labelled.position)
-            self.writes.append(self.thread.submit(self.write, labelled.position, self.partial.pop(labelled.position)))
+            write = self.thread.submit(self.write_unless_failed, labelled.position, self.partial.pop(labelled.position))
+            self.writes[write] = labelled.position
+
+    def write_unless_failed(self, position: int, shard: dict[str, Any]) -> dict[str, Any] | None:
+        """`write`, unless an earlier write failed (the dump stops at the first failure)."""
+        if self.failed.is_set():
+            return None
+        try:
+            return self.write(position, shard)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def check(self) -> None:
+        """Collect the finished writes; the first that failed is raised as one line (store, shard, OS error). The
+        shards written before it stay written (and flagged done), so the same command resumes after the fix."""
+        for write in [w for w in self.writes if w.done()]:
+            position = self.writes.pop(write)
+            error = write.exception()
+            if error is not None:
+                self.failed.set()
+                raise UserError(f"{self.job.store}: writing shard {self.job.shard(position)[0]} failed "
+                                f"({first_line(error)}); the shards written before it are kept: fix the cause "
+                                f"(e.g. free disk space) and run the same command again to resume") from None
+            if write.result() is not None:
+                self.reports.append(write.result())
 
     def write(self, position: int, shard: dict[str, Any]) -> dict[str, Any]:
         """Write a shard's rows, its tar's sha256 and the dump id, durably, then its done flag (store.write_shard)."""
@@ -320,12 +349,22 @@ class ShardWriter:
                 "decoded_on": sorted(shard["decoded_on"]), "labelled_on": sorted(shard["labelled_on"])}
 
     def finish(self) -> tuple[list[dict[str, Any]], float]:
-        """Wait for every write; (one report per written shard, labelling rate in img/s after the first batch)."""
+        """Wait for every write; (one report per written shard, labelling rate in img/s after the first batch).
+        A failed write is raised as its one line (`check`)."""
         self.thread.shutdown(wait=True)
-        reports = [write.result() for write in self.writes]
-        labelled = sum(r["labelled"] for r in reports) - self.first_count
+        self.check()
+        labelled = sum(r["labelled"] for r in self.reports) - self.first_count
         elapsed = time.perf_counter() - self.first_result if self.first_result is not None else 0.0
-        return reports, labelled / elapsed if elapsed > 0 and labelled > 0 else 0.0
+        return self.reports, labelled / elapsed if elapsed > 0 and labelled > 0 else 0.0
+
+    def stop(self) -> None:
+        """Wait for the writes under way, raising nothing (the dump is ending with another error)."""
+        self.thread.shutdown(wait=True)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def label_all(batches: Iterator[Batch], labeler: Callable[[Batch], Labelled], writer: ShardWriter,

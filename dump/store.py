@@ -34,15 +34,12 @@ labeler's input (see `footprint_box`). The student data path uses `open_store`, 
 
 import bisect
 import contextlib
-import fcntl
 import json
 import math
 import os
 import shutil
-import socket
-import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -52,7 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from common.errors import UserError
-from common.files import fsync_path, fsync_tree, replace_folder
+from common.files import exclusive_lock, fsync_path, fsync_tree, replace_folder
 from core.eval_view import centre_box, check_crop_pct
 from shards.manifest import MANIFEST, Manifest, keys_digest, load_manifest
 
@@ -223,35 +220,9 @@ def refuse_foreign(path: Path, flag: str) -> None:
                         f"yourself or choose another {flag}")
 
 
-@contextlib.contextmanager
-def store_lock(path: Path) -> Iterator[None]:
-    """Hold `<store>.lock` (an flock, released even on kill -9) while writing; a second writer is refused.
-
-    The file records the owner's host and pid for the refusal message. It is removed on release; the inode
-    check makes a writer that locked a just-removed file try again instead of sharing the lock.
-    """
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(f"{path}: another dump is writing this store ({owner}; lock {lock}); "
-                            f"wait for it to finish or stop it, then run again") from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    try:
-        yield
-    finally:
-        os.unlink(lock)
-        os.close(fd)
+def store_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold `<store>.lock` while writing the store; a second writer is refused in one line."""
+    return exclusive_lock(path.with_name(path.name + ".lock"), f"{path}: another dump is writing this store")
 
 
 class LabelStore:

@@ -26,6 +26,7 @@ from common.errors import UserError, cli
 from core.data import TrainSplit
 from core.flags import HelpFormatter, add_training_flags, check_training_args
 from core.posterize import safe_posterize
+from core.resume import dataset_identity
 from core.trainer import Trainer, run_training
 from labeler.dense import DenseClassifier, build_labeler
 from labeler.objective import FanTLObjective
@@ -109,6 +110,7 @@ class LabelerRun(Trainer):
         if mixing and a.batch_size % 2:
             raise UserError(f"--batch-size {a.batch_size}: Mixup/CutMix need an even batch size")
         self.shards, num_classes = a.shards, manifest.num_classes
+        self.data = dataset_identity(manifest)
         if a.hflip is None:
             a.hflip = 0.5 if manifest.hflip else 0.0
         random_seed(a.seed)  # the model's initialisation

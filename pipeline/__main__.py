@@ -5,16 +5,20 @@ Each stage runs its own command (the same ones a user types) in a subprocess. Wi
 of the cores and its output in <runs>/stages/NAME.log: two labelers or two students of a small model, which one
 process cannot keep busy on 2 cores, run together. A stage is skipped when its record under <runs>/stages/ says
 it finished with the same configuration (its own and that of every stage it reads from); it is redone when the
-configuration changed. A run killed at any point resumes: finished stages
-are skipped, the interrupted one resumes from its own checkpoint or completion flags.
+configuration changed: what it made before is cleared first, but only what carries tokenlabel's marker (a run
+folder's, a store's attributes, a dataset's manifest), never anything else. A run killed at any point resumes:
+finished stages are skipped, the interrupted one resumes from its own checkpoint or completion flags. A stage's
+commands die with the runner (Linux: the kernel sends them SIGTERM when it dies, even by kill -9).
 """
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError, cli
+from common.files import atomic_write, read_marker, write_marker
 from pipeline.config import Pipeline, check_pipeline, load_pipelines
 from shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def flags(args: dict[str, Any]) -> list[str]:
@@ -60,8 +67,9 @@ class Stage:
     ident: str                        # its configuration and that of everything upstream
     outputs: list[Path]
     commands: list[list[str]]
-    fresh: list[Path]                 # cleared first when the configuration changed
+    fresh: list[Path]                 # cleared first when the configuration changed (only where marked as ours)
     after: tuple[str, ...] = ()
+    marks: tuple[Path, ...] = ()      # folders made and marked for it, for a tool that writes no marker itself
 
 
 class Runner:
@@ -78,16 +86,16 @@ class Runner:
         return self.shards / "labels" / f"{self.p.labeler_name(labeler)}.zarr"
 
     def add(self, stages: list[Stage], name: str, config: Any, outputs: list[Path], commands: list[list[str]],
-            fresh: list[Path], after: tuple[str, ...] = ()) -> None:
+            fresh: list[Path], after: tuple[str, ...] = (), marks: tuple[Path, ...] = ()) -> None:
         """Plan a stage whose identity is its configuration and the identities of the stages it reads from."""
         ident = identity(config, *(self.idents[a] for a in after))
         self.idents[name] = ident
-        stages.append(Stage(name, ident, outputs, commands, fresh, after))
+        stages.append(Stage(name, ident, outputs, commands, fresh, after, marks))
 
     def run_stage(self, stage: Stage, threads: int | None) -> None:
         """Run a stage's commands unless its record matches its identity; on a changed configuration clear its
-        `fresh` paths first. With `threads` (stages run side by side) its output goes to a log file and each of
-        its commands gets that many torch threads."""
+        `fresh` paths first (`clear`: only what is marked as ours). With `threads` (stages run side by side) its
+        output goes to a log file and each of its commands gets that many torch threads."""
         record_path = self.records / f"{stage.name}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record and record["identity"] == stage.ident and all(p.exists() for p in stage.outputs):
@@ -96,9 +104,13 @@ class Runner:
         marker = self.records / f"{stage.name}.started"  # identity of the last run begun: same = resume, else redo
         if marker.is_file() and marker.read_text() != stage.ident:
             for path in stage.fresh:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                clear(path, stage.name)
         self.records.mkdir(parents=True, exist_ok=True)
-        marker.write_text(stage.ident)
+        atomic_write(marker, stage.ident)
+        for folder in stage.marks:
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                write_marker(folder, "pipeline-output", stage=stage.name)
         log = self.records / f"{stage.name}.log"
         shown_log = log.relative_to(ROOT) if log.is_relative_to(ROOT) else log
         print(f"\n== {self.p.name}: {stage.name}" + (f" (output: {shown_log})" if threads else ""), flush=True)
@@ -108,15 +120,15 @@ class Runner:
             for command in stage.commands:
                 shown = "$ " + " ".join(command[1:] if command[0] == self.python else command)
                 print(shown, file=out or sys.stdout, flush=True)
-                result = subprocess.run(command, cwd=ROOT, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT if out else None)
-                if result.returncode != 0:
+                returncode = run_child(command, cwd=ROOT, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT if out else None)
+                if returncode != 0:
                     tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if threads else ""
-                    raise UserError(f"{tail}stage '{stage.name}' failed (exit {result.returncode})"
+                    raise UserError(f"{tail}stage '{stage.name}' failed (exit {returncode})"
                                     + (f", its output: {shown_log}" if threads else "")
                                     + "; fix the cause and run the same command again to resume")
         seconds = time.time() - started
-        record_path.write_text(json.dumps({"identity": stage.ident, "seconds": seconds}) + "\n")
+        atomic_write(record_path, json.dumps({"identity": stage.ident, "seconds": seconds}) + "\n")
         self.summary[stage.name] = ("done", seconds)
         if threads:
             print(f"== {self.p.name}: {stage.name} done in {seconds:.0f} s", flush=True)
@@ -232,7 +244,7 @@ class Runner:
             folder = pictures / lab.name
             self.add(stages, f"pictures-{lab.name}", asdict(p.pictures), [folder], [self.module(
                 "dump.show", str(self.store(lab.name)), "--first", str(p.pictures.count), "--out", str(folder))],
-                [folder], after=(f"dump-{lab.name}",))
+                [folder], after=(f"dump-{lab.name}",), marks=(folder,))
         return stages
 
     def table(self, wall: float, jobs: int) -> str:
@@ -263,6 +275,34 @@ class Runner:
         text = "\n".join(lines) + "\n"
         (self.runs / "summary.md").write_text(text)
         return text
+
+
+def clear(path: Path, stage: str) -> None:
+    """Remove an earlier output of a changed stage, only where it carries tokenlabel's marker (a file: its folder's)."""
+    if not path.exists():
+        return
+    if read_marker(path if path.is_dir() else path.parent) is None:
+        raise UserError(f"{path}: stage '{stage}' changed and would clear this, but it carries no marker of a "
+                        f"tokenlabel output (this pipeline did not make it); move it away, then run again")
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_child(command: list[str], **kwargs: Any) -> int:
+    """Run one command of a stage to its end; it dies with the runner: the kernel sends it SIGTERM when the
+    runner's thread dies (PR_SET_PDEATHSIG, Linux), and a runner leaving by an exception terminates it first."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, before exec: only the already loaded prctl, no imports
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the runner died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with subprocess.Popen(command, preexec_fn=die_with_parent if LIBC else None, **kwargs) as child:
+        try:
+            return child.wait()
+        except BaseException:
+            child.terminate()
+            raise
 
 
 def fmt(value: Any) -> str:

@@ -10,6 +10,7 @@ import yaml
 from common.errors import UserError
 
 Args = dict[str, Any]  # extra command-line flags of a stage's tool: {"batch-size": 64, "amp": true}
+RESERVED = ("stages", "pictures", "results", "summary.md")  # what the runner itself keeps in <runs>/
 
 
 @dataclass
@@ -166,6 +167,14 @@ def check_flags(where: str, module: str, args: Args) -> None:
                 raise UserError(f"{where}.{key}: {item!r} is not one of {', '.join(map(str, action.choices))}")
 
 
+def check_name(where: str, name: str) -> None:
+    """A labeler's or student's name becomes a folder <runs>/<name> (and a store <name>.zarr): one plain folder
+    name, none of the runner's own."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or name in RESERVED:
+        raise UserError(f"{where}: {name!r} cannot name a run folder (not empty, '.', '..', {', '.join(RESERVED)}, "
+                        f"or with '/' or '\\'); choose another name")
+
+
 def check_pipeline(pipeline: Pipeline) -> None:
     """Validate every stage's extra flags against its command-line tool."""
     where = f"pipelines.yaml:{pipeline.name}"
@@ -175,6 +184,9 @@ def check_pipeline(pipeline: Pipeline) -> None:
     names = [s.name for s in pipeline.students]
     if not labelers:
         raise UserError(f"{where}.labelers: give at least one labeler")
+    for kind, stage_names in (("labelers", labelers), ("students", names)):
+        for i, name in enumerate(stage_names):
+            check_name(f"{where}.{kind}[{i}].name", name)
     if len(set(names + labelers)) != len(names + labelers):
         raise UserError(f"{where}: labeler and student names must be unique (they name run folders), got "
                         f"{labelers + names}")

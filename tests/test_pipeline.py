@@ -2,15 +2,19 @@
 
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from common.errors import UserError
+from common.files import read_marker, write_marker
 from pipeline.__main__ import Runner, Stage
 from pipeline.config import Dataset, Pipeline, check_pipeline, load_pipelines
 
@@ -177,3 +181,93 @@ def test_jobs_below_one_is_one_line():
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--jobs", "0"], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "jobs must be at least 1" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["stages", "pictures", "results", "summary.md", ".", "..", "", "a/b", "a\\b"])
+def test_a_name_that_is_not_a_plain_run_folder_is_refused(tmp_path, name):
+    """Before: a student named `stages` had its folder, the live stage records, cleared by rmtree."""
+    for kind, where in (("students", r"students\[1\]"), ("labelers", r"labelers\[0\]")):
+        doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+        doc["demo"][kind][1 if kind == "students" else 0]["name"] = name
+        path = tmp_path / "pipelines.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        with pytest.raises(UserError, match=rf"demo.{where}.name: {re.escape(repr(name))} cannot name a run folder"):
+            check_pipeline(load_pipelines(path)["demo"])
+    if name == "stages":  # through the command
+        result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--file", str(path), "--check"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "'stages' cannot" in result.stderr
+
+
+def test_a_changed_stage_clears_only_what_carries_our_marker(tmp_path):
+    """A stage whose configuration changed clears its earlier outputs only where they carry tokenlabel's marker
+    (a file: its folder's); anything else is refused in one line and left as it is, the stage not run."""
+    runner = tiny_runner(tmp_path)
+    runner.records.mkdir(parents=True)
+    ours, foreign = tmp_path / "runs" / "ours", tmp_path / "runs" / "foreign"
+    for folder in (ours, foreign):
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text("{}")
+    write_marker(ours, "run", trainer="student")
+    stages = {name: Stage(name, "new", [], [step(tmp_path, name, "pass")], fresh) for name, fresh in (
+        ("run", [ours]), ("file", [foreign / "eval.json"]), ("folder", [foreign]))}
+    for name in stages:
+        (runner.records / f"{name}.started").write_text("old")  # begun before with another configuration
+    runner.run_stage(stages["run"], None)
+    assert not ours.exists() and (tmp_path / "run.times").exists()
+    for name, path in (("file", foreign / "eval.json"), ("folder", foreign)):
+        with pytest.raises(UserError, match=rf"{re.escape(str(path))}: stage '{name}' changed and would clear "
+                                            r"this, but it carries no marker"):
+            runner.run_stage(stages[name], None)
+        assert not (tmp_path / f"{name}.times").exists()
+    assert (foreign / "eval.json").read_text() == "{}"
+    marked = tmp_path / "runs" / "pictures" / "x"  # the output folder of a tool that writes no marker itself
+    runner.run_stage(Stage("pictures", "1", [], [step(tmp_path, "pictures", "pass")], [marked], marks=(marked,)), None)
+    assert read_marker(marked)["stage"] == "pictures"
+
+
+KILLED_RUNNER = """
+import sys
+from pathlib import Path
+from pipeline.__main__ import Runner, Stage
+from pipeline.config import Dataset, Pipeline
+
+tmp = Path(sys.argv[1])
+runner = Runner(Pipeline("tiny", str(tmp / "runs"), Dataset(str(tmp / "shards"), demo={}), [], []))
+code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+runner.execute([Stage(n, "1", [], [[sys.executable, "-c", code, str(tmp / n)]], []) for n in ("a", "b")], jobs=2)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_killed_runner_takes_its_stages_commands_with_it(tmp_path):
+    """kill -9 of the pipeline runner: before, its stages' commands (a trainer) went on writing their outputs
+    while a re-run started the same stages again."""
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, str(tmp_path)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / n).is_file() and (tmp_path / n).read_text() for n in "ab"):
+            assert runner.poll() is None and time.monotonic() < deadline, "the stages did not start"
+            time.sleep(0.05)
+        children = [int((tmp_path / n).read_text()) for n in "ab"]
+        assert all(alive(pid) for pid in children)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"children {[p for p in children if alive(p)]} outlived the runner"
+            time.sleep(0.05)
+    finally:
+        runner.kill()
+        runner.wait()
+        for pid in filter(alive, children):  # the test's own processes, if they did outlive the runner
+            os.kill(pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ from timm.utils import random_seed
 from common.errors import UserError, cli
 from core.corruptions import CORRUPTIONS, check_corruptions
 from core.flags import HelpFormatter, add_training_flags, check_training_args
+from core.resume import dataset_identity
 from core.trainer import Trainer, run_training
 from dump.store import SHARDS_HELP, open_store
 from labeler.load import load_labeler
@@ -108,6 +109,7 @@ class Run(Trainer):
         num_classes = manifest.num_classes
         if a.hflip is None:
             a.hflip = 0.5 if manifest.hflip else 0.0
+        self.data = dataset_identity(manifest)
         self.labeler, labeler_input, store_input = None, None, None
         if a.online_labeler is not None:
             self.labeler, meta = load_labeler(a.online_labeler, self.device)
@@ -115,8 +117,12 @@ class Run(Trainer):
                 raise UserError(f"{a.online_labeler}: labeler has {meta['num_classes']} classes, the shards "
                                 f"{num_classes}; pass a labeler trained on {self.shards}")
             labeler_input, store = meta["img_size"], None
+            self.data["online labeler"] = (meta["sha256"], str(a.online_labeler))
         if store is not None:
-            store_input = open_store(store).footprint.get("input_size")
+            opened = open_store(store)
+            store_input = opened.footprint.get("input_size")
+            if token_labels:
+                self.data["label store"] = (opened.dump_id, str(store))
         self.img_size = a.img_size or store_input or labeler_input or model_input_size(a.model)[-1]
         model_kwargs = {"drop_path_rate": a.drop_path}
         if a.patch_size:
