@@ -28,11 +28,12 @@ CONVERT = "python -m core.checkpoint convert"
 def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_size: int,
                     model: nn.Module, ema: nn.Module, train_state: dict[str, Any] | None = None,
                     model_kwargs: dict[str, Any] | None = None, kind: str = "labeler",
-                    dense_head_trained: bool = True) -> None:
+                    dense_head_trained: bool = True, classes: list[str] | None = None) -> None:
     """Write atomically and durably (common.files.atomic_output) so a killed run never leaves a truncated checkpoint.
 
     `kind` is "labeler" or "student"; `model_kwargs` are the extra arguments that rebuild the model by name;
-    `dense_head_trained` is False for a student trained without token labels (its per-token head got no loss).
+    `dense_head_trained` is False for a student trained without token labels (its per-token head got no loss);
+    `classes` are the training dataset's class names (train.eval refuses shards whose classes differ).
     """
     payload = {
         "format": FORMAT,
@@ -40,6 +41,7 @@ def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_
         "model": model_name,
         "model_kwargs": model_kwargs or {},
         "num_classes": num_classes,
+        "classes": classes,
         "img_size": img_size,
         "dense_head_trained": dense_head_trained,
         "state_dict": model.state_dict(),

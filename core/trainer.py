@@ -67,7 +67,7 @@ class Trainer:
         a = self.args
         self.model, self.train_data = model, data
         self.identity = {"model_name": model_name, "num_classes": num_classes, "img_size": img_size,
-                         "model_kwargs": model_kwargs or {}}
+                         "model_kwargs": model_kwargs or {}, "classes": data.manifest.classes}
         self.steps = steps_per_epoch(data, a.batch_size, self.world, a.max_steps, a.workers)
         if a.lr is None:  # DeiT's linear rule: --lr-base per 512 images of global batch
             a.lr = a.lr_base * a.batch_size * self.world / 512

@@ -15,6 +15,7 @@ from core.checkpoint import read_checkpoint
 from labeler.train import LabelerRun, main, parse_args
 from shards.build import write_dataset
 from shards.demo import CLASSES, build_demo, demo_samples
+from shards.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,7 @@ def test_training_lowers_the_loss(shards, tmp_path):
     for key in ("top1", "top1_pooled", "label_target_acc", "label_other_acc", "label_background_image_class", "lr",
                 "time"):
         assert key in rows[-1]
+    assert read_checkpoint(tmp_path / "last.pt")["classes"] == load_manifest(shards).classes  # what train.eval checks
 
 
 def test_resume_is_bitwise_identical(shards, straight, tmp_path):
