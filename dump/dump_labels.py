@@ -3,7 +3,9 @@
     python -m dump.dump_labels --shards shards/demo --checkpoint runs/labeler/last.pt --out shards/demo/labels/fan.zarr
 
 Also runs as `ray job submit --working-dir . -- python -m dump.dump_labels ...` and as
-`ray submit CLUSTER.yaml dump/dump_labels.py -- ...` (there the repo must be installed on the cluster). Without
+`ray submit CLUSTER.yaml dump/dump_labels.py -- ...` (examples/cluster-local.yaml; `ray submit` copies this file
+alone to the head's home folder, so tokenlabel must be installed there, and relative paths are read from there:
+give absolute paths or URLs). Without
 --address it joins the cluster a `ray start` on this machine runs, else starts a local Ray (`--address local`
 always starts a private one). On a multi-node cluster the shards, checkpoint and store must be on storage every
 node sees.
@@ -17,14 +19,21 @@ store records batch size, device, precision and decoder, and refuses to resume w
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run by path (`python dump/dump_labels.py`): make the repo importable, here and in workers
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
+if __package__ in (None, ""):  # run by path: `python dump/dump_labels.py`, or a copy of it alone (`ray submit`)
+    CHECKOUT = Path(__file__).resolve().parents[1]
+    if (CHECKOUT / "dump" / "__init__.py").is_file():  # in a checkout: import it, here and in Ray's workers
+        sys.path.insert(0, str(CHECKOUT))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
+    elif importlib.util.find_spec("dump") is None:
+        print(f"error: {__file__} runs alone here and tokenlabel is not installed for {sys.executable}; install "
+              "it on this node (pip install -e CHECKOUT; a cluster config's setup_commands)", file=sys.stderr)
+        sys.exit(2)
 
 import numpy as np
 import torch

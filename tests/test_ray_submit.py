@@ -187,3 +187,15 @@ def test_ray_submit_through_the_cluster_launcher_writes_a_verified_store(ssh_hea
     for array in ("scores", "classes", "keys", "valid"):
         assert np.array_equal(submitted[array][:], local[array][:], equal_nan=array == "scores"), array
     assert (ssh_head["home"] / "dump_labels.py").is_file()  # `ray submit` copied the script to the head's home
+
+
+def test_a_copy_of_the_script_alone_without_tokenlabel_is_one_line(tmp_path):
+    """What `ray submit` makes of dump/dump_labels.py on a node where tokenlabel is not installed (python -S:
+    no site-packages, so no installed tokenlabel)."""
+    alone = tmp_path / "dump_labels.py"
+    shutil.copy(ROOT / "dump" / "dump_labels.py", alone)
+    run = subprocess.run([sys.executable, "-S", str(alone), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith(f"error: {alone} runs alone here and tokenlabel is not installed") and \
+        len(run.stderr.splitlines()) == 1
