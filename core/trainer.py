@@ -121,14 +121,18 @@ class Trainer:
 
     @contextlib.contextmanager
     def run_folder(self) -> Iterator[None]:
-        """DIR, created if need be; on rank 0 its lock, held until the run ends, and the run marker of a new DIR."""
+        """DIR, created if need be; on rank 0 its lock, held until the run ends, the run marker of a new DIR, and no
+        checkpoint temporaries of a killed writer."""
         out = self.args.out
         new = not out.is_dir() or not any(out.iterdir())
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another trainer is writing this run folder"
         with exclusive_lock(out / RUN_LOCK, busy) if self.main_process else contextlib.nullcontext():
-            if new and self.main_process:
-                write_marker(out, "run", trainer=self.kind)
+            if self.main_process:
+                if new:
+                    write_marker(out, "run", trainer=self.kind)
+                for stale in out.glob("last.pt.partial-*"):  # a writer killed mid-save left it; the lock is ours
+                    stale.unlink()
             yield
 
     def run(self) -> None:
