@@ -13,13 +13,13 @@ from torch import nn
 from core.data import steps_per_epoch
 from core.engine import train_one_epoch
 from core.eval_data import EvalTransform
-from core.eval_view import centre_box
+from core.imaging.boxes import centre_box, fill_colour
+from core.imaging.pil import labeler_input
 from core.optim import Optimization
-from dump.render import labeler_input
 from dump.store import footprint_box, make_footprint
 from shards.build import build
 from shards.reader import ShardReader
-from train.augment import LabelAwareEvalTransform
+from train.augment import LabelAwareEvalTransform, LabelAwareTransform
 
 REPO = Path(__file__).resolve().parents[1]
 # package -> the packages of this repository it may import (no cycles: each only imports those below it)
@@ -44,6 +44,9 @@ def test_every_eval_view_is_the_same_centre_square(crop_pct):
     assert centre_box(150, 90, crop_pct) == footprint_box(make_footprint(size, crop_pct), 150, 90) == box
     corners = mapping.astype(np.float64) @ np.array([[0, size], [0, size], [1, 1]])
     np.testing.assert_allclose(corners[:2].T.ravel(), box, atol=1e-4)
+    mean = (0.5, 0.2, 1.0)  # one fill beyond the image (the dump's is fill_colour's): 127.5 rounds to even
+    fills = EvalTransform(8, mean=mean).fill, LabelAwareTransform(8, mean=mean).fill, fill_colour(mean)
+    assert fills == ((128, 51, 255),) * 3
 
 
 def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
