@@ -5,7 +5,11 @@ python benchmarks/bench_label_transform.py [--threads 1]
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reference.py: the dense path measured here
 
 import numpy as np
 import torch
@@ -13,9 +17,9 @@ from PIL import Image
 from timm.data import create_transform
 
 from core.posterize import POSTERIZE_OPS, posterize
+from tests.reference import densify, resample_maps
 from train.augment import LabelAwareTransform
-from train.geometry import resample_maps
-from train.targets import densify, token_targets
+from train.targets import token_targets
 
 
 def per_call_ms(repeats: int, fn, *args) -> float:

@@ -1,4 +1,4 @@
-"""Evaluation samples: the eval view of each image (core.eval_view), optionally corrupted, and what its cells show.
+"""Evaluation samples: each image's eval view (core.imaging.boxes), optionally corrupted, and what its cells show.
 
 One DataLoader streams a split once per setting (clean first, then each corruption and severity), every sample
 tagged with its setting, so its workers start once and never idle between passes. Under torchrun each rank
@@ -16,7 +16,8 @@ from torch.utils.data import IterableDataset
 
 from common.errors import UserError
 from core.corruptions import corrupt_pixels
-from core.eval_view import centre_box, centre_view, check_crop_pct
+from core.imaging.boxes import centre_box, check_crop_pct, fill_colour
+from core.imaging.pil import centre_view
 from core.label_quality import cell_truth
 from shards.reader import ShardReader
 
@@ -32,7 +33,7 @@ class EvalTransform:
                  shift: float = 0.0, grid: tuple[int, int] | None = None):
         self.img_size, self.corruption, self.severity = img_size, corruption, severity
         self.crop_pct, self.shift, self.grid = check_crop_pct(crop_pct), shift, grid
-        self.fill = tuple(round(255 * m) for m in mean)
+        self.fill = fill_colour(mean)
         self.mean = np.array(mean, np.float32) * 255
         self.std = np.array(std, np.float32) * 255
 

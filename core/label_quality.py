@@ -1,6 +1,6 @@
 """Token-label quality per map cell against object masks: target cells, other-object cells, background cells.
 
-A label map is judged by what each of its cells shows (DESIGN: "Label quality, said once"):
+A label map is judged by what each of its cells shows:
 - target cells (mostly covered by the object the image is labelled with): is their top-1 the image class?
 - other-object cells (mostly covered by another object, e.g. a distractor digit): is their top-1 that object's own
   class? A labeler that repeats the image class everywhere scores 0 here.

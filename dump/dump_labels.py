@@ -42,8 +42,8 @@ from timm.data import resolve_model_data_config
 
 from common.errors import UserError, cli
 from common.files import refuse_overlap
+from core.imaging.pil import RESAMPLE
 from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
-from dump.render import check_interpolation
 from dump.store import (
     create_store,
     dataset_attrs,
@@ -88,7 +88,9 @@ def probe_labeler(checkpoint: Path, input_size: int | None) -> tuple[dict[str, A
     if tuple(grid) != (size // stride, size // stride):
         raise UserError(f"--input-size {size}: labeler {meta['model']} gives a {grid[0]}x{grid[1]} grid, not "
                         f"{size // stride}x{size // stride}; use its training size {meta['img_size']}")
-    check_interpolation(config["interpolation"])
+    if config["interpolation"] not in RESAMPLE:
+        raise UserError(f"labeler interpolation {config['interpolation']!r} is not supported by the dump; "
+                        f"use one of {', '.join(RESAMPLE)}")
     return {**meta, **geometry, "input_size": size}, config, tuple(grid)
 
 

@@ -23,8 +23,9 @@ import torch
 import zarr
 
 from common.errors import UserError
-from core.eval_view import shifted
-from dump.render import fill_colour, labeler_input, normalise, render_boxes, to_device
+from core.imaging.boxes import fill_colour, shifted
+from core.imaging.device import normalise, render_boxes, to_device
+from core.imaging.pil import labeler_input
 from dump.store import footprint_box, write_shard
 from labeler.load import load_labeler
 from shards.manifest import Manifest

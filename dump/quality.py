@@ -1,6 +1,6 @@
 """How good a store's token labels are, against the dataset's masks: `python -m dump.quality STORE [--shards DIR]`.
 
-Per map cell (labeler.quality): accuracy on target-object cells, accuracy on other objects' cells (their own
+Per map cell (core.label_quality): accuracy on target-object cells, accuracy on other objects' cells (their own
 class), what background cells say, and confidence on object vs background cells. A store that repeats the image
 class everywhere scores 0 on other objects' cells; the report prints that reference beside the store's figures.
 """
@@ -22,7 +22,7 @@ from shards.reader import read_shard
 
 
 def store_quality(store_path: str | Path, shards: str | Path | None = None) -> dict[str, Any]:
-    """The quality report of every labelled row of the store (rates as labeler.quality.LabelQuality.rates)."""
+    """The quality report of every labelled row of the store (rates as core.label_quality.LabelQuality.rates)."""
     store = open_store(store_path)
     manifest = load_manifest(store_shards(store, shards))
     if not manifest.has_masks:

@@ -50,7 +50,7 @@ from zarr.codecs import BloscCodec
 
 from common.errors import UserError
 from common.files import exclusive_lock, fsync_path, fsync_tree, replace_folder
-from core.eval_view import centre_box, check_crop_pct
+from core.imaging.boxes import centre_box, check_crop_pct
 from shards.manifest import MANIFEST, Manifest, keys_digest, load_manifest
 
 FORMAT = "tokenlabel-labels"

@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader
 
 from common.errors import UserError
 from core.checkpoint import save_checkpoint
+from core.imaging.device import warp_images
+from core.imaging.mappings import resize_box
+from core.imaging.pil import RESAMPLE, warp_image
 from core.seeding import seed_all
 from shards.build import build
 from shards.demo import build_demo
@@ -27,13 +30,10 @@ from shards.reader import ShardReader, split_keys
 from train.augment import PIL_OPS, LabelAwareTransform, _erase_boxes
 from train.data import StudentData, token_label_targets
 from train.device_augment import DeviceAugment
-from train.geometry import _resize_box, warp_image, warp_images
 from train.photometric import OP_NAMES, TENSOR_OPS, apply_ops
 from train.student import Run, build_parser, check_args, main
 
 K = 10
-PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-               "nearest": Image.Resampling.NEAREST}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,10 +157,10 @@ def test_warp_matches_pil_per_path(interpolation):
     got = warp_images(images, np.stack(mappings), 112, [interpolation] * 36, t.fill)
     stats = {"resize": [], "warp": []}
     for i, m in enumerate(mappings):
-        want = np.asarray(warp_image(Image.fromarray(pictures[i % 6]), m, 112, PIL_FILTERS[interpolation], t.fill))
+        want = np.asarray(warp_image(Image.fromarray(pictures[i % 6]), m, 112, RESAMPLE[interpolation], t.fill))
         diff = np.abs(got[i].permute(1, 2, 0).numpy() - want)
         h, w = pictures[i % 6].shape[:2]
-        path = "resize" if _resize_box(m.astype(np.float64), w, h, 112, 112) is not None else "warp"
+        path = "resize" if resize_box(m.astype(np.float64), w, h, 112, 112) is not None else "warp"
         stats[path].append(diff)
     assert len(stats["resize"]) >= 10 and len(stats["warp"]) >= 5
     resize, warp = (np.stack(stats[path]) for path in ("resize", "warp"))

@@ -29,12 +29,13 @@ import zarr
 
 from common.errors import UserError
 from core.checkpoint import save_checkpoint
-from core.eval_view import shifted
+from core.imaging.boxes import fill_colour, shifted
+from core.imaging.device import normalise
+from core.imaging.pil import labeler_input
 from dump.dump_labels import dump
 from dump.dump_labels import main as dump_main
 from dump.labelling import DumpJob, Labeler, ShardWriter
 from dump.ray_engine import run_ray
-from dump.render import fill_colour, labeler_input, normalise
 from dump.store import check_matches, footprint_box, make_footprint, open_store
 from dump.verify import main as verify_main
 from dump.verify import verify_store

@@ -13,18 +13,21 @@ from torch import nn
 from core.data import steps_per_epoch
 from core.engine import train_one_epoch
 from core.eval_data import EvalTransform
-from core.eval_view import centre_box
+from core.imaging.boxes import centre_box, fill_colour
+from core.imaging.pil import labeler_input
 from core.optim import Optimization
-from dump.render import labeler_input
 from dump.store import footprint_box, make_footprint
 from shards.build import build
 from shards.reader import ShardReader
-from train.augment import LabelAwareEvalTransform
+from train.augment import LabelAwareEvalTransform, LabelAwareTransform
 
 REPO = Path(__file__).resolve().parents[1]
 # package -> the packages of this repository it may import (no cycles: each only imports those below it)
 ORDER = ("common", "shards", "core", "labeler", "dump", "train", "pipeline")
 LAYERS = {package: set(ORDER[:i]) for i, package in enumerate(ORDER)}
+# all that train takes from dump: the store and its reader API (pixels and boxes are core.imaging's, below both)
+TRAIN_FROM_DUMP = {("dump.store", name) for name in ("LabelStore", "SHARDS_HELP", "check_matches", "footprint_box",
+                                                     "open_store", "store_shards")}
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
@@ -44,6 +47,9 @@ def test_every_eval_view_is_the_same_centre_square(crop_pct):
     assert centre_box(150, 90, crop_pct) == footprint_box(make_footprint(size, crop_pct), 150, 90) == box
     corners = mapping.astype(np.float64) @ np.array([[0, size], [0, size], [1, 1]])
     np.testing.assert_allclose(corners[:2].T.ravel(), box, atol=1e-4)
+    mean = (0.5, 0.2, 1.0)  # one fill beyond the image (the dump's is fill_colour's): 127.5 rounds to even
+    fills = EvalTransform(8, mean=mean).fill, LabelAwareTransform(8, mean=mean).fill, fill_colour(mean)
+    assert fills == ((128, 51, 255),) * 3
 
 
 def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
@@ -128,20 +134,26 @@ def test_log_interval_reads_the_losses_only_at_its_points():
         assert len(taken) == last
 
 
-def imports_of(path: Path) -> set[str]:
-    """Top-level names of every module a file imports, at any depth of its code."""
-    names = set()
+def imports_of(path: Path) -> set[tuple[str, str]]:
+    """(module, name) of every import at any depth of a file's code (name "" for `import module`)."""
+    pairs = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            pairs |= {(alias.name, "") for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            pairs |= {(node.module, alias.name) for alias in node.names}
+    return pairs
 
 
 @pytest.mark.parametrize("package", LAYERS)
 def test_packages_import_only_the_layers_below_them(package):
     """common <- shards <- core <- labeler <- dump <- train <- pipeline: no import cycle between the packages."""
-    for path in sorted((REPO / package).glob("*.py")):
-        ours = imports_of(path) & set(LAYERS)
+    for path in sorted((REPO / package).rglob("*.py")):  # subpackages too: core/imaging/*.py belong to core
+        ours = {module.split(".")[0] for module, _ in imports_of(path)} & set(LAYERS)
         assert ours <= LAYERS[package] | {package}, f"{path.relative_to(REPO)} imports {sorted(ours - LAYERS[package] - {package})}"
+
+
+def test_train_imports_from_dump_only_the_store_api():
+    for path in sorted((REPO / "train").rglob("*.py")):
+        taken = {(module, name) for module, name in imports_of(path) if module.split(".")[0] == "dump"}
+        assert taken <= TRAIN_FROM_DUMP, f"{path.relative_to(REPO)} imports {sorted(taken - TRAIN_FROM_DUMP)}"

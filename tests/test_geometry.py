@@ -7,23 +7,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import densify, resample_maps
 from timm.data import create_transform
 from timm.data.auto_augment import NAME_TO_OP, AugmentOp, rand_augment_transform
 
-from core.posterize import safe_posterize
-from train.augment import GEOMETRIC_OPS, PIL_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
-from train.geometry import (
-    cell_taps,
+from core.imaging.mappings import (
     crop_mapping,
     hflip_mapping,
-    map_coordinates,
-    resample_maps,
     rotate_mapping,
     shear_mapping,
     translate_mapping,
-    warp_image,
 )
-from train.targets import densify
+from core.imaging.pil import warp_image
+from core.posterize import safe_posterize
+from train.augment import GEOMETRIC_OPS, PIL_OPS, LabelAwareEvalTransform, LabelAwareTransform, _Canvas
+from train.geometry import cell_taps, map_coordinates
 
 torch.set_num_threads(1)
 
@@ -213,7 +211,7 @@ def test_bilinear_taps_reproduce_a_linear_map_and_resample_maps():
     # per point, the weights of its four taps sum to 1 inside the footprint and 0 outside, and average the
     # cell centres to the point itself (clamped to the outer centres)
     per_point = weights.view(len(mappings), 4, 4, *grid).sum(1)
-    uv = map_coordinates(mappings, footprint, (mh, mw), size, grid, points=2)
+    uv, _, _ = map_coordinates(mappings, footprint, (mh, mw), size, grid, points=2)
     inside = ((uv >= 0) & (uv < torch.tensor([mw, mh]))).all(-1)
     torch.testing.assert_close(per_point, inside.double(), rtol=0, atol=1e-12)
     centres = torch.stack([cells % mw + 0.5, cells // mw + 0.5], -1).double()

@@ -14,9 +14,10 @@ from torch import nn
 import labeler  # noqa: F401  (registers the FAN models and the demo CNN)
 from common.errors import UserError
 from core.checkpoint import save_checkpoint
-from core.eval_view import shifted
+from core.imaging.boxes import shifted
+from core.imaging.device import normalise
+from core.imaging.pil import labeler_input
 from dump.dump_labels import dump
-from dump.render import labeler_input, normalise
 from dump.store import footprint_box, make_footprint, open_store
 from labeler.dense import DenseClassifier, build_labeler
 from labeler.load import load_labeler

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dump.render import labeler_input, normalise, render_boxes
+from core.imaging.device import normalise, render_boxes
+from core.imaging.pil import labeler_input
 from dump.store import footprint_box, make_footprint
 
 FILL = (124, 116, 104)

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import densify, resample_maps
 from scipy.stats import chisquare
 
 from common.errors import UserError
-from train.geometry import crop_mapping, hflip_mapping, resample_maps, rotate_mapping
+from core.imaging.mappings import crop_mapping, hflip_mapping, rotate_mapping
 from train.targets import (
     class_targets,
-    densify,
     pooled_label,
     stored_token_probs,
     stored_token_targets,

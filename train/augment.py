@@ -3,7 +3,7 @@
 Train view, in timm's order: RandomResizedCrop, horizontal flip, RandAugment (timm's op choice and magnitudes,
 from a config string such as "rand-m9-mstd0.5-inc1"). The geometric RandAugment ops (Rotate, ShearX/Y,
 TranslateX/Y, TranslateX/YRel) act on the output canvas and are folded into the mapping instead of warping
-pixels; the image is then rendered once from the original with the whole mapping (train.geometry.warp_image),
+pixels; the image is then rendered once from the original with the whole mapping (core.imaging.pil.warp_image),
 and the photometric ops run on that warped image, in their drawn order. Then ToTensor, Normalize and timm's
 RandomErasing, none of which moves a pixel. Every random draw of a sample (`LabelAwareTransform.draw`: the mapping,
 the filter, the photometric ops with their arguments, the erased boxes) comes before any pixel work, in the same
@@ -13,8 +13,8 @@ rotations and shears turn about the canvas centre (timm shears about the top-lef
 the image), and where they bring in image content from outside the crop window the real content shows
 (like LV-ViT, whose RandAugment runs before its crop); only points outside the original image get the fill.
 
-Each transform returns (image tensor [3, S, S], mapping float32 [3, 3]); see train.geometry for the mapping's
-convention and train.geometry.resample_maps for turning it into per-token labels in the training step.
+Each transform returns (image tensor [3, S, S], mapping float32 [3, 3]); see core.imaging for the mapping's
+convention and train.geometry.cell_taps for turning it into per-token labels in the training step.
 """
 
 import math
@@ -33,16 +33,16 @@ from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, to_tensor
 
 from common.errors import UserError
-from core.eval_view import centre_box, centre_view, check_crop_pct
-from core.posterize import POSTERIZE_OPS, posterize
-from train.geometry import (
+from core.imaging.boxes import centre_box, check_crop_pct, fill_colour
+from core.imaging.mappings import (
     crop_mapping,
     hflip_mapping,
     rotate_mapping,
     shear_mapping,
     translate_mapping,
-    warp_image,
 )
+from core.imaging.pil import RESAMPLE, centre_view, warp_image
+from core.posterize import POSTERIZE_OPS, posterize
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 
@@ -51,7 +51,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 class Draw:
     """One sample's drawn augmentation, everything but the erasing noise: rendering it is deterministic."""
 
-    mapping: np.ndarray                    # float32 [3, 3]: output pixel -> original image (train.geometry)
+    mapping: np.ndarray                    # float32 [3, 3]: output pixel -> original image (core.imaging)
     resample: int                          # the PIL filter the image is warped with
     ops: tuple[tuple[str, tuple], ...]     # photometric ops (timm names) with their arguments, in running order
     erase: tuple[tuple[int, int, int, int], ...]  # random erasing's boxes (top, left, height, width), in order
@@ -122,13 +122,7 @@ def _record(canvas: _Canvas, *args, name: str, **_) -> _Canvas:
 PIL_OPS = {**NAME_TO_OP, **dict.fromkeys(POSTERIZE_OPS, posterize)}
 # ColorJitter's ops by its fn_idx (brightness, contrast, saturation; hue is off), as the same PIL enhancements
 JITTER_OPS = ("Brightness", "Contrast", "Color")
-FILTERS = {Image.Resampling.NEAREST: "nearest", Image.Resampling.BILINEAR: "bilinear",
-           Image.Resampling.BICUBIC: "bicubic"}
-
-
-def _fill(mean: tuple[float, ...]) -> tuple[int, ...]:
-    """The mean colour as 8-bit RGB, timm's fill for pixels outside the image."""
-    return tuple(min(255, round(255 * m)) for m in mean)
+FILTERS = {pil: name for name, pil in RESAMPLE.items()}  # PIL filter -> its name
 
 
 def _erase_boxes(erase: RandomErasing, height: int, width: int) -> tuple[tuple[int, int, int, int], ...]:
@@ -192,7 +186,7 @@ class LabelAwareTransform:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.resample = _pil_resample(interpolation)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.fill = _fill(self.mean)
+        self.fill = fill_colour(self.mean)
         self.augment = (_label_aware_rand_augment(auto_augment, img_size, self.fill, interpolation)
                         if auto_augment else None)
         # as in timm, colour jitter only when RandAugment is off
@@ -260,7 +254,7 @@ class LabelAwareTransform:
 
 
 class LabelAwareEvalTransform:
-    """Eval view (core.eval_view: the centred square of side crop_pct * shorter side at S x S) with its mapping, as
+    """Eval view (core.imaging.boxes: the centred square of side crop_pct * shorter side at S x S) with its mapping, as
     (normalised tensor [3, S, S], mapping float32 [3, 3]). crop_pct=1 is the view a labeler's footprint
     describes (dump.store.footprint_box)."""
 

@@ -21,12 +21,12 @@ from torchvision.transforms.functional import normalize, to_tensor
 
 from common.errors import UserError
 from core.data import TrainSplit
+from core.imaging.pil import warp_image
 from dump.store import LabelStore, check_matches, footprint_box, open_store, store_shards
 from shards.manifest import MANIFEST, load_manifest
 from shards.reader import decode_sample, open_sample
 from train.augment import LabelAwareTransform
 from train.device_augment import DeviceAugment, collate, encoded_sample
-from train.geometry import warp_image
 from train.targets import HardTokens, stored_token_targets
 
 

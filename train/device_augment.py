@@ -6,7 +6,7 @@ same seeds): the mapping, the filter, the photometric ops with their arguments a
 fixed-size arrays (`draw_arrays`). `collate` packs a batch's image bytes into one buffer. On the training device,
 `DeviceAugment` decodes the batch's JPEGs at once (torchvision.io.decode_jpeg: nvJPEG on a GPU; images of any
 sizes; other formats arrive decoded by the worker), renders every image through its mapping
-(train.geometry.warp_images), runs the photometric ops (train.photometric), normalises and erases. The mapping
+(core.imaging.device.warp_images), runs the photometric ops (train.photometric), normalises and erases. The mapping
 stays in the batch for the label path (train.data.token_label_targets), which resamples the stored maps with it.
 The only difference in what is drawn: the erasing noise comes from a device generator seeded per batch.
 """
@@ -21,10 +21,9 @@ import torch
 from torch.utils.data import default_collate
 
 from common.errors import UserError
-from dump.render import normalise, to_device
+from core.imaging.device import normalise, to_device, warp_images
 from shards.reader import SkipLog, corrupt_error, decode_jpegs
 from train.augment import FILTERS, GEOMETRIC_OPS, JITTER_OPS, Draw, LabelAwareTransform
-from train.geometry import warp_images
 from train.photometric import OP_NAMES, apply_ops
 
 FILTER_NAMES = tuple(FILTERS.values())

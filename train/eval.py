@@ -11,8 +11,9 @@ and writes JSON with:
 - corrupt_acc: mean class-head top-1 over a fixed set of ImageNet-C corruptions (the `corrupt-tta` package) at
   fixed severities, applied to the eval view's uint8 image, seeded per sample; with a baseline's eval JSON,
   mce: ImageNet-C's mean corruption error, sum over severities of errors relative to the baseline's, in percent.
-Every image is seen through core.eval_view: the centred square of side --crop-pct x its shorter side. A checkpoint
-that records its dataset's class names (`classes`) is evaluated only on shards with the same names, in order.
+Every image is seen through the eval view (core.imaging.boxes): the centred square of side --crop-pct x its
+shorter side. A checkpoint that records its dataset's class names (`classes`) is evaluated only on shards with the
+same names, in order.
 """
 
 import argparse

@@ -73,8 +73,8 @@ class Student(nn.Module):
         """(class logits [B, K], token logits [B, h*w, K] row-major, (h, w)).
 
         With a "mixtoken" `mix` (train.mixing.sample_mixtoken): inside mix.box the patch embedding of each sample
-        is its partner's (mix.perm), and the token logits are pasted back, so they line up with each sample's own
-        token labels; only the class target mixes (train.mixing.apply_mix).
+        is its partner's (sample B - 1 - b, as train.mixing.MixInfo says), and the token logits are pasted back, so
+        they line up with each sample's own token labels; only the class target mixes (train.mixing.apply_mix).
         """
         grid = self.grid(tuple(x.shape[-2:]))
         if mix is None or mix.box is None:

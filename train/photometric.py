@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dump.render import to_device
+from core.imaging.device import to_device
 
 LEVELS = 256
 

@@ -1,11 +1,11 @@
-"""Token and class targets from stored label maps: densify the top-k logits, draw per-token targets, smooth.
+"""Token and class targets from stored label maps: per-token distributions of the top-k logits, targets, smoothing.
 
 Layout: per-cell and per-token distributions are channels-first, [B, K, H, W] and [B, K, h, w], so the same
 box slicing mixes them and the images (train.mixing); a loss over [B, N, K] takes t.flatten(2).transpose(1, 2).
 Hard targets (Gumbel draws, argmax) stay class ids (`HardTokens`): at K=1000 the dense one-hot [B, K, h, w]
 would cost more than everything else in the label path, and the loss and mixing do not need it.
-Order in the training step: densify -> train.geometry.resample_maps -> token_targets -> train.mixing, or, the
-same without the dense per-cell map, stored_token_targets -> train.mixing.
+Order in the training step: stored_token_targets (the stored top-k through train.geometry.cell_taps; no dense
+per-cell map is made) or, from an online labeler's token distributions, token_targets -> train.mixing.
 """
 
 from dataclasses import dataclass
@@ -18,25 +18,12 @@ from train.geometry import cell_taps
 TOKEN_TARGET_KINDS = ("gumbel", "softmax", "argmax")
 
 
-def _top_k_probs(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """The k stored logits softmaxed among themselves (float32), 0 where the class id is < 0 (skipped rows)."""
+def top_k_probs(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The k stored logits softmaxed among themselves (float32), 0 where the class id is < 0 (skipped rows); every
+    other class gets 0. LV-ViT instead scatters the logits into K zero logits, handing each unstored class exp(0) / Z,
+    a mass set by the labeler's arbitrary logit offset (a top logit of 5 leaves ~87% of it spread over 995 classes
+    ranked below the top 5); the top-k softmax keeps the stored ratios exactly; smoothing adds the uniform part."""
     return torch.where(classes >= 0, scores.float().softmax(1), 0.0)
-
-
-def densify(scores: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-cell class distributions [B, K, H, W] (float32) from top-k logits and class ids [B, k, H, W].
-
-    The k stored logits are softmaxed among themselves and scattered into K classes; every other class gets
-    probability 0. LV-ViT instead scatters the logits into a K-vector of zero logits, which hands each unstored
-    class exp(0) / Z: how much mass that is depends on the labeler's arbitrary logit offset (softmax is
-    shift-invariant, zero is not a neutral logit), e.g. a top logit of 5 leaves ~87% of the mass spread
-    uniformly over 995 classes the labeler ranked below its top 5. The top-k softmax keeps the ratios among
-    the stored classes exactly and does not depend on the offset; smoothing adds the uniform part explicitly.
-    Cells with a class id < 0 (rows the dump skipped) get all-zero distributions.
-    """
-    probs = _top_k_probs(scores, classes)
-    dense = probs.new_zeros(probs.shape[0], num_classes, *probs.shape[2:])
-    return dense.scatter_add_(1, classes.long().clamp(min=0), probs)
 
 
 def smooth(targets: torch.Tensor, smoothing: float, dim: int = 1) -> torch.Tensor:
@@ -119,14 +106,14 @@ def _candidates(scores: torch.Tensor, classes: torch.Tensor, mappings: torch.Ten
                 img_size: int | tuple[int, int], grid: tuple[int, int], points: int, mode: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities [B, C, h*w], class ids [B, C, h*w], points per token [B, 1, h*w], valid [B, h, w]) of
-    the C = taps x k (class, probability) candidates each token reads from the stored top-k, tap-major as
-    train.geometry.resample_maps adds its points; a class may appear among a token's candidates several times."""
+    the C = taps x k (class, probability) candidates each token reads from the stored top-k, tap-major (cell_taps'
+    order); a class may appear among a token's candidates several times."""
     b, k, mh, mw = scores.shape
     h, w = grid
     cells, weights, count = cell_taps(mappings.to(scores.device), footprints, (mh, mw), img_size, grid, points, mode)
     taps = cells.shape[1]
     index = cells.flatten(2)[:, :, None].expand(b, taps, k, h * w)
-    probs = _top_k_probs(scores, classes).flatten(2)[:, None].expand(b, taps, k, mh * mw).gather(3, index)
+    probs = top_k_probs(scores, classes).flatten(2)[:, None].expand(b, taps, k, mh * mw).gather(3, index)
     cand = (probs * weights.flatten(2)[:, :, None].to(probs.dtype)).view(b, taps * k, h * w)
     ids = classes.flatten(2)[:, None].expand(b, taps, k, mh * mw).gather(3, index).view(b, taps * k, h * w)
     valid = (cand > 0).any(1).view(b, h, w)
@@ -138,12 +125,12 @@ def stored_token_probs(scores: torch.Tensor, classes: torch.Tensor, mappings: to
                        mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """(token distributions [B, K, h, w], valid [B, h, w]) straight from stored top-k maps.
 
-    The same as densify -> resample_maps (arguments as there; scores and classes [B, k, H, W] as stored,
-    mappings [B, 3, 3], footprints [B, 4]) without the dense [B, K, H, W] map: each token gathers the k
-    (class, probability) pairs of the cells it reads (train.geometry.cell_taps) and adds them into its K classes
-    in the order resample_maps sums them, so with mode="nearest" the result is bit-identical on CPU (on CUDA
-    scatter_add_ may add a token's terms in another order: the last bit may differ). This assumes distinct
-    classes within a cell, as a top-k has.
+    The same as the dense reference densify -> resample_maps of tests/reference.py (scores and classes
+    [B, k, H, W] as stored, mappings [B, 3, 3], footprints [B, 4]) without its [B, K, H, W] map: each token
+    gathers the k (class, probability) pairs of the cells it reads (train.geometry.cell_taps) and adds them into
+    its K classes in the order resample_maps sums them, so with mode="nearest" the result is bit-identical on CPU
+    (on CUDA scatter_add_ may add a token's terms in another order: the last bit may differ). This assumes
+    distinct classes within a cell, as a top-k has.
     """
     cand, ids, count, valid = _candidates(scores, classes, mappings, footprints, img_size, grid, points, mode)
     token_probs = cand.new_zeros(cand.shape[0], num_classes, cand.shape[2]).scatter_add_(1, ids, cand) / count
