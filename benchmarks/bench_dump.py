@@ -44,7 +44,8 @@ from dump.dump_labels import dump
 from dump.labelling import DumpJob, Labeler, shard_batches
 from dump.local_engine import PendingShards
 from dump.lvvit import export_lvvit
-from dump.store import make_footprint, open_store
+from dump.store.reader import open_store
+from dump.store.schema import make_footprint
 from shards.build import build
 from shards.manifest import load_manifest
 

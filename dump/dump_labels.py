@@ -44,19 +44,9 @@ from common.errors import UserError, cli
 from common.files import refuse_overlap
 from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
 from dump.render import check_interpolation
-from dump.store import (
-    create_store,
-    dataset_attrs,
-    identity_differences,
-    make_footprint,
-    mark_complete,
-    open_store,
-    publish,
-    refuse_foreign,
-    store_attrs,
-    store_lock,
-    temporary_path,
-)
+from dump.store.reader import open_store
+from dump.store.schema import create_store, dataset_attrs, identity_differences, make_footprint, store_attrs
+from dump.store.write import mark_complete, publish, refuse_foreign, store_lock, temporary_path
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
 from shards.manifest import load_manifest

@@ -6,7 +6,7 @@ the same batch as an uninterrupted one and writes the same bits (same device and
 where the batch is made (CPU: PIL decode + footprint resample to uint8) or on the labeler's device (the batch
 then carries the encoded bytes: nvJPEG decode and the resample run there). Either way uint8 goes to the device
 and is normalised there. The writer keeps each shard's rows until all of them are in, then writes them (whole
-chunks, by this writer alone) and, once they are on disk, the shard's done flag (dump.store.write_shard).
+chunks, by this writer alone) and, once they are on disk, the shard's done flag (dump.store.write.write_shard).
 """
 
 import json
@@ -25,7 +25,8 @@ import zarr
 from common.errors import UserError
 from core.eval_view import shifted
 from dump.render import fill_colour, labeler_input, normalise, render_boxes, to_device
-from dump.store import footprint_box, write_shard
+from dump.store.schema import footprint_box
+from dump.store.write import write_shard
 from labeler.load import load_labeler
 from shards.manifest import Manifest
 from shards.reader import (

@@ -8,7 +8,7 @@ a float16 tensor [2, k, H, W]: the top-k scores, then their class ids, also as f
 `.pt` is our sample key; a key that is not a plain relative path (absolute, `..`, a backslash or NUL) is
 refused both ways. Scores are float16 in both layouts, so they move bit for bit.
 
-Export writes only a store that fits its shards (dump.store.check_matches), into a folder marked as our export
+Export writes only a store that fits its shards (dump.store.checks.check_matches), into a folder marked as our export
 (`.tokenlabel.json`): `--overwrite` replaces such a folder (or an empty one), never other files, the store or
 its shard folder. Import writes a store (replacing, with `--overwrite`, only a label store).
 
@@ -29,21 +29,10 @@ from tqdm import tqdm
 
 from common.errors import UserError, cli
 from common.files import MARKER, read_marker, refuse_overlap, write_marker
-from dump.store import (
-    SHARDS_HELP,
-    create_store,
-    dataset_attrs,
-    examples,
-    make_footprint,
-    mark_complete,
-    open_matching,
-    publish,
-    refuse_foreign,
-    store_attrs,
-    store_lock,
-    temporary_path,
-    write_shard,
-)
+from dump.store.checks import examples, open_matching
+from dump.store.reader import SHARDS_HELP
+from dump.store.schema import create_store, dataset_attrs, make_footprint, store_attrs
+from dump.store.write import mark_complete, publish, refuse_foreign, store_lock, temporary_path, write_shard
 from dump.verify import verify_store
 from shards.manifest import check_key, load_manifest
 from shards.reader import split_keys

@@ -84,10 +84,11 @@ def dataset(tmp_path_factory, lvvit_store):
 @pytest.fixture(scope="session")
 def fill_store():
     """fill(group, manifest, split, scores, classes, keys, valid=None): write a new store's rows (all of `split`,
-    [N, ...] arrays) tar shard by tar shard as a dump does (dump.store.write_shard), then mark it complete."""
+    [N, ...] arrays) tar shard by tar shard as a dump does (dump.store.write.write_shard), then mark it complete."""
     import numpy as np
 
-    from dump.store import mark_complete, shard_range, write_shard
+    from dump.store.schema import shard_range
+    from dump.store.write import mark_complete, write_shard
 
     def fill(group, manifest, split, scores, classes, keys, valid=None):
         valid = np.ones(len(keys), np.uint8) if valid is None else valid

@@ -35,7 +35,9 @@ from dump.dump_labels import main as dump_main
 from dump.labelling import DumpJob, Labeler, ShardWriter
 from dump.ray_engine import run_ray
 from dump.render import fill_colour, labeler_input, normalise
-from dump.store import check_matches, footprint_box, make_footprint, open_store
+from dump.store.checks import check_matches
+from dump.store.reader import open_store
+from dump.store.schema import footprint_box, make_footprint
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from labeler.load import load_labeler

@@ -17,7 +17,8 @@ from core.checkpoint import save_checkpoint
 from core.eval_view import shifted
 from dump.dump_labels import dump
 from dump.render import labeler_input, normalise
-from dump.store import footprint_box, make_footprint, open_store
+from dump.store.reader import open_store
+from dump.store.schema import footprint_box, make_footprint
 from labeler.dense import DenseClassifier, build_labeler
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry

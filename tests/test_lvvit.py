@@ -12,7 +12,9 @@ import zarr
 from common.errors import UserError
 from dump.lvvit import export_lvvit, import_lvvit
 from dump.lvvit import main as lvvit_main
-from dump.store import create_store, dataset_attrs, make_footprint, mark_complete, open_store, store_attrs
+from dump.store.reader import open_store
+from dump.store.schema import create_store, dataset_attrs, make_footprint, store_attrs
+from dump.store.write import mark_complete
 from dump.verify import verify_store
 from shards.manifest import load_manifest
 from shards.reader import split_keys

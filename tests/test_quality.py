@@ -15,7 +15,7 @@ from common.errors import UserError
 from core.label_quality import BACKGROUND, MIXED, LabelQuality, cell_truth, top1_confidence
 from dump.quality import main as quality_main
 from dump.quality import store_quality
-from dump.store import create_store, dataset_attrs, footprint_box, make_footprint, store_attrs
+from dump.store.schema import create_store, dataset_attrs, footprint_box, make_footprint, store_attrs
 from shards.build import build
 from shards.manifest import load_manifest
 from shards.reader import read_shard

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dump.render import labeler_input, normalise, render_boxes
-from dump.store import footprint_box, make_footprint
+from dump.store.schema import footprint_box, make_footprint
 
 FILL = (124, 116, 104)
 

@@ -12,20 +12,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.errors import UserError
 from dump.show import show
-from dump.store import (
-    LabelStore,
-    check_matches,
+from dump.store.checks import check_matches
+from dump.store.reader import LabelStore, open_store, store_shards
+from dump.store.schema import (
     chunk_rows,
     create_store,
     dataset_attrs,
     footprint_box,
     identity_differences,
     make_footprint,
-    open_store,
     store_attrs,
-    store_lock,
-    store_shards,
 )
+from dump.store.write import store_lock
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from shards.demo import build_demo

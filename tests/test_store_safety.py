@@ -27,14 +27,9 @@ from dump.dump_labels import dump
 from dump.lvvit import export_lvvit, import_lvvit
 from dump.quality import store_quality
 from dump.show import show
-from dump.store import (
-    check_matches,
-    create_store,
-    dataset_attrs,
-    make_footprint,
-    open_store,
-    store_attrs,
-)
+from dump.store.checks import check_matches
+from dump.store.reader import open_store
+from dump.store.schema import create_store, dataset_attrs, make_footprint, store_attrs
 from dump.verify import verify_store
 from shards.build import Sample, prepare_out, write_dataset
 from shards.demo import CLASSES, build_demo, demo_samples

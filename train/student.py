@@ -21,7 +21,7 @@ from core.corruptions import CORRUPTIONS, check_corruptions
 from core.flags import HelpFormatter, add_training_flags, check_training_args
 from core.resume import dataset_identity
 from core.trainer import Trainer, run_training
-from dump.store import SHARDS_HELP, open_store
+from dump.store.reader import SHARDS_HELP, open_store
 from labeler.load import load_labeler
 from shards.manifest import load_manifest
 from train.augment import INTERPOLATIONS, LabelAwareTransform
