@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from core.checkpoint import read_checkpoint, save_checkpoint
 from dump.dump_labels import dump
-from dump.labelling import DumpJob, Labeler, shard_batches
+from dump.labelling import BatchLabeler, DumpJob, shard_batches
 from dump.local_engine import PendingShards
 from dump.lvvit import export_lvvit
 from dump.store.reader import open_store
@@ -109,7 +109,7 @@ def bare_forward(job: DumpJob, batches: int) -> float:
         single = dataclasses.replace(job, threads=1)
         with multiprocessing.get_context("fork").Pool(job.threads) as pool:
             return sum(pool.starmap(bare_forward, [(single, batches)] * job.threads))
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     size = job.footprint["input_size"]
     pixels = torch.randint(0, 256, (job.batch_size, 3, size, size), dtype=torch.uint8, device=job.device)
     with torch.inference_mode():
@@ -139,7 +139,7 @@ def cpu_decode(job: DumpJob) -> float:
 
 def device_decode(job: DumpJob) -> float:
     """img/s of the device decoder (nvJPEG + batched resample) on bytes already read into memory."""
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     batches = [b for p in range(len(job.manifest.shards("train"))) for b in shard_batches(job, p)]
     labeler.pixels(batches[0])
     sync(job.device)

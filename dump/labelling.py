@@ -179,7 +179,7 @@ def encoded_image(raw: dict[str, Any]) -> dict[str, Any]:
     return {"key": raw["__key__"], "image": raw[image_key]}
 
 
-class Labeler:
+class BatchLabeler:
     """One labeler model on its device: labels batches (thread-safe; on a GPU each calling thread has its stream)."""
 
     def __init__(self, job: DumpJob, labelled_on: str = "local"):

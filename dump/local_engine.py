@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.errors import UserError
-from dump.labelling import Batch, DumpJob, Labeler, ShardWriter, label_all, shard_batches
+from dump.labelling import Batch, BatchLabeler, DumpJob, ShardWriter, label_all, shard_batches
 
 
 class PendingShards(IterableDataset):
@@ -31,7 +31,7 @@ class PendingShards(IterableDataset):
 
 def run_local(job: DumpJob, pending: list[int], writer: ShardWriter, workers: int | None = None) -> None:
     """Label the pending shards: `workers` decode processes (default: every CPU), the labeler in this process."""
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     workers = os.cpu_count() if workers is None else workers
     loader = DataLoader(PendingShards(job, pending), batch_size=None, num_workers=min(workers, len(pending)),
                         prefetch_factor=4 if workers else None)

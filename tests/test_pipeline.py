@@ -16,7 +16,7 @@ import yaml
 from common.errors import UserError
 from common.files import read_marker, write_marker
 from pipeline.__main__ import Runner, Stage
-from pipeline.config import Dataset, Pipeline, check_pipeline, load_pipelines
+from pipeline.config import DatasetSpec, Pipeline, check_pipeline, load_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_each_stage_waits_for_every_stage_whose_output_it_reads():
 
 
 def tiny_runner(tmp_path: Path) -> Runner:
-    return Runner(Pipeline("tiny", str(tmp_path / "runs"), Dataset(str(tmp_path / "shards"), demo={}), [], []))
+    return Runner(Pipeline("tiny", str(tmp_path / "runs"), DatasetSpec(str(tmp_path / "shards"), demo={}), [], []))
 
 
 def step(tmp_path: Path, name: str, code: str) -> list[str]:
@@ -230,10 +230,10 @@ KILLED_RUNNER = """
 import sys
 from pathlib import Path
 from pipeline.__main__ import Runner, Stage
-from pipeline.config import Dataset, Pipeline
+from pipeline.config import DatasetSpec, Pipeline
 
 tmp = Path(sys.argv[1])
-runner = Runner(Pipeline("tiny", str(tmp / "runs"), Dataset(str(tmp / "shards"), demo={}), [], []))
+runner = Runner(Pipeline("tiny", str(tmp / "runs"), DatasetSpec(str(tmp / "shards"), demo={}), [], []))
 code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
 runner.execute([Stage(n, "1", [], [[sys.executable, "-c", code, str(tmp / n)]], []) for n in ("a", "b")], jobs=2)
 """
