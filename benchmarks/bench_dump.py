@@ -40,8 +40,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from core.checkpoint import read_checkpoint, save_checkpoint
+from dump.batch_labeler import BatchLabeler
+from dump.batches import shard_batches
 from dump.dump_labels import dump
-from dump.labelling import BatchLabeler, DumpJob, shard_batches
+from dump.job import DumpJob
 from dump.local_engine import PendingShards
 from dump.lvvit import export_lvvit
 from dump.store.reader import open_store

@@ -42,11 +42,12 @@ from timm.data import resolve_model_data_config
 
 from common.errors import UserError, cli
 from common.files import refuse_overlap
-from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
+from dump.job import DECODERS, PRECISIONS, DumpJob
 from dump.render import check_interpolation
 from dump.store.reader import open_store
 from dump.store.schema import create_store, dataset_attrs, identity_differences, make_footprint, store_attrs
 from dump.store.write import mark_complete, publish, refuse_foreign, store_lock, temporary_path
+from dump.writer import ShardWriter
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
 from shards.manifest import load_manifest

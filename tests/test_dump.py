@@ -30,9 +30,10 @@ import zarr
 from common.errors import UserError
 from core.checkpoint import save_checkpoint
 from core.eval_view import shifted
+from dump.batch_labeler import BatchLabeler
 from dump.dump_labels import dump
 from dump.dump_labels import main as dump_main
-from dump.labelling import BatchLabeler, DumpJob, ShardWriter
+from dump.job import DumpJob
 from dump.ray_engine import run_ray
 from dump.render import fill_colour, labeler_input, normalise
 from dump.store.checks import check_matches
@@ -40,6 +41,7 @@ from dump.store.reader import open_store
 from dump.store.schema import footprint_box, make_footprint
 from dump.verify import main as verify_main
 from dump.verify import verify_store
+from dump.writer import ShardWriter
 from labeler.load import load_labeler
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys

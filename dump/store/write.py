@@ -1,5 +1,4 @@
-"""Writing a store: tar shard by tar shard, durably, then marked complete; built aside and published whole, by one
-writer at a time.
+"""Writing a store: shard by shard, durably, then complete; built aside, published whole, one writer at a time.
 
 zarr's LocalStore (>= 3.1.3) writes each chunk to a temporary file and renames it, so a killed writer leaves a
 chunk whole or absent. `write_shard` writes every chunk of a shard, even one of fill values only (Zarr would
