@@ -232,7 +232,7 @@ class Runner:
             eval_args = {"corruptions": e.corruptions, "severities": e.severities, **e.args}
             base = ["--baseline", str(self.runs / e.baseline)] if e.baseline and name != e.baseline else []
             self.add(stages, f"eval-{name}", [asdict(e), name], [out / "eval.json"], [self.module(
-                "train.eval", str(out / "last.pt"), "--shards", d.out, *base, *flags(eval_args))],
+                "train.checkpoint_eval", str(out / "last.pt"), "--shards", d.out, *base, *flags(eval_args))],
                 [out / "eval.json"], after=(f"student-{name}", *([f"eval-{e.baseline}"] if base else [])))
         return stages
 

@@ -136,7 +136,7 @@ def stage_args(pipeline: Pipeline) -> list[tuple[str, str, Args]]:
     where = f"pipelines.yaml:{pipeline.name}"
     dataset_tool = "shards.demo" if pipeline.dataset.demo is not None else "shards.build"
     out = [(f"{where}.dataset.args", dataset_tool, pipeline.dataset.args),
-           (f"{where}.eval.args", "train.eval", pipeline.eval.args)]
+           (f"{where}.eval.args", "train.checkpoint_eval", pipeline.eval.args)]
     for i, labeler in enumerate(pipeline.labelers):
         out += [(f"{where}.labelers[{i}].args", "labeler.train", labeler.args),
                 (f"{where}.labelers[{i}].dump.args", "dump.dump_labels", labeler.dump.args)]
