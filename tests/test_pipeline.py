@@ -15,8 +15,8 @@ import yaml
 
 from common.errors import UserError
 from common.files import read_marker, write_marker
-from pipeline.__main__ import Runner, Stage
 from pipeline.config import DatasetSpec, Pipeline, check_pipeline, load_pipelines
+from pipeline.runner import Runner, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,11 +105,14 @@ def test_demo_quick_runs_end_to_end_then_skips_then_redoes_what_changed(tmp_path
 
     # the results table on the same store: two variants x two seeds, mean and spread of each
     table = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, "-m", "pipeline.results", "--pipeline", "demo-quick", "--file", str(path),
-                             "--variants", "no token labels", "token labels from cnn (Gumbel)", "--seeds", "0", "1",
-                             "--corruptions", "fog", "--jobs", "2", "--out", str(table)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    results = [sys.executable, "-m", "pipeline.results", "--pipeline", "demo-quick", "--file", str(path), "--variants",
+               "no token labels", "token labels from cnn (Gumbel)", "--seeds", "0", "1", "--corruptions", "fog",
+               "--jobs", "2", "--out", str(table)]
+    result = subprocess.run(results, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    written = table.read_text()
+    again = subprocess.run(results, capture_output=True, text=True, cwd=ROOT, timeout=900)  # the runs are reused
+    assert again.returncode == 0 and "== demo-quick:" not in again.stdout and table.read_text() == written
     lines = [line for line in table.read_text().splitlines() if line.startswith(("| no token", "| token labels"))]
     rows, per_seed = lines[:2], lines[2:]  # the table of means, then the table of seeds
     assert [row.count("±") for row in rows] == [3, 4]  # no combined score: untrained dense head
@@ -229,7 +232,7 @@ def test_a_changed_stage_clears_only_what_carries_our_marker(tmp_path):
 KILLED_RUNNER = """
 import sys
 from pathlib import Path
-from pipeline.__main__ import Runner, Stage
+from pipeline.runner import Runner, Stage
 from pipeline.config import DatasetSpec, Pipeline
 
 tmp = Path(sys.argv[1])
