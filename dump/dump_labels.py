@@ -46,7 +46,7 @@ from dump.job import DECODERS, PRECISIONS, DumpJob
 from dump.render import check_interpolation
 from dump.store.reader import open_store
 from dump.store.schema import create_store, dataset_attrs, identity_differences, make_footprint, store_attrs
-from dump.store.write import mark_complete, publish, refuse_foreign, store_lock, temporary_path
+from dump.store.write import mark_complete, publishing, refuse_foreign, store_lock
 from dump.writer import ShardWriter
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
@@ -98,9 +98,8 @@ def open_or_create(path: Path, attrs: dict[str, Any], overwrite: bool) -> zarr.G
         if not overwrite:
             raise UserError(f"{path}: an existing store made differently ({'; '.join(differences[:3])}"
                             f"{'; ...' if len(differences) > 3 else ''}); pass --overwrite to replace it or choose another --out")
-    tmp = temporary_path(path)
-    create_store(tmp, attrs)
-    publish(tmp, path)
+    with publishing(path) as tmp:
+        create_store(tmp, attrs)
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
 

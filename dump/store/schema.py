@@ -114,7 +114,8 @@ def store_attrs(*, num_classes: int, k: int, grid: tuple[int, int], footprint: M
 def create_store(path: str | Path, attrs: Mapping[str, Any]) -> zarr.Group:
     """Create the empty store (arrays, `store_attrs` attributes and a new dump id) at `path`, which must not exist.
 
-    Callers create it under a temporary name and `publish` it, so a store path never holds a half-made group.
+    Callers create it in a temporary folder (dump.store.write.publishing), so a store path never holds a
+    half-made group.
     """
     counts = [count for _, count in attrs["dataset"]["shards"]]
     n, rows, k, grid = sum(counts), attrs["chunk_rows"], attrs["k"], tuple(attrs["grid"])

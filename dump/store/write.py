@@ -11,6 +11,7 @@ time writes a store: `store_lock` holds `<store>.lock`.
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,20 @@ def mark_complete(group: zarr.Group) -> list[dict[str, Any]]:
     return skipped
 
 
-def temporary_path(path: Path) -> Path:
-    """Where a store is built before `publish` moves it to `path`; stale ones are removed under the lock."""
+@contextlib.contextmanager
+def publishing(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to build a store or an export in (stale ones removed: call it under the
+    lock), removed if the block fails, else moved into place durably (every file fsynced first) and atomically
+    (common.files.replace_folder: a reader sees the old folder whole or the new one whole), replacing what the
+    caller checked is ours."""
     for stale in path.parent.glob(f"{path.name}.partial-*"):
         shutil.rmtree(stale)
-    return path.with_name(f"{path.name}.partial-{os.getpid()}")
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Move a finished temporary folder (a store or an export) into place, durably (every file fsynced first) and
-    atomically (common.files.replace_folder: a reader sees the old folder whole or the new one whole), replacing
-    what the caller checked is ours."""
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_tree(tmp)
     replace_folder(tmp, path)
 
