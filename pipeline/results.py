@@ -107,15 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     stages: list[Stage] = []
     for (name, seed), run in out.items():  # each a stage: redone when its flags or its store changed
         variant = dict(table_variants[name])
-        labels = pipeline.labeler_name(variant.pop("labels", None))
+        labels = variant.pop("labels", None)
         config = {"model": model, "epochs": epochs, "seed": seed, "corruptions": args.corruptions,
                   "flags": {**shared, **variant}}
-        command = runner.module(
-            "train.student", "--labels", str(runner.store(labels)), "--model", model, "--epochs", str(epochs),
-            "--out", str(run), "--seed", str(seed), "--final-corruptions", *args.corruptions,
-            "--workers", "1" if args.jobs > 1 else "2", *flags(config["flags"]))
-        runner.add(stages, f"results{args.name}-{slug(name)}-seed{seed}", config, [run / "eval.json"], [command],
-                   [run], after=(f"dump-{labels}",))
+        runner.student(stages, f"results{args.name}-{slug(name)}-seed{seed}", config, labels, model, epochs,
+                       run, "--seed", str(seed), "--final-corruptions", *args.corruptions,
+                       "--workers", "1" if args.jobs > 1 else "2", *flags(config["flags"]))
     runner.execute(stages, args.jobs)
     rows, seed_rows = [], []
     quality = {lab.name: read_json(runner.runs / lab.name / "quality.json") for lab in pipeline.labelers}

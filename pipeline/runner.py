@@ -37,11 +37,6 @@ def flags(args: dict[str, Any]) -> list[str]:
     return out
 
 
-def identity(config: Any, *upstream: str) -> str:
-    blob = json.dumps([config, *upstream], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @dataclass
 class Stage:
     """One step of a pipeline: its commands, what it makes, and the stages whose outputs it reads."""
@@ -71,8 +66,8 @@ class Runner:
     def add(self, stages: list[Stage], name: str, config: Any, outputs: list[Path], commands: list[list[str]],
             fresh: list[Path], after: tuple[str, ...] = (), marks: tuple[Path, ...] = ()) -> None:
         """Plan a stage whose identity is its configuration and the identities of the stages it reads from."""
-        ident = identity(config, *(self.idents[a] for a in after))
-        self.idents[name] = ident
+        blob = json.dumps([config, *(self.idents[a] for a in after)], sort_keys=True, default=str)
+        ident = self.idents[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
         stages.append(Stage(name, ident, outputs, commands, fresh, after, marks))
 
     def run_stage(self, stage: Stage, threads: int | None) -> None:
@@ -197,15 +192,20 @@ class Runner:
         return stages
 
     def students(self) -> list[Stage]:
-        p, stages = self.p, []
-        for s in p.students:
-            out = self.runs / s.name
+        stages: list[Stage] = []
+        for s in self.p.students:
             extra = [] if s.token_labels else ["--no-token-labels"]
-            self.add(stages, f"student-{s.name}", asdict(s), [out / "last.pt"], [self.module(
-                "train.student", "--labels", str(self.store(s.labels)), "--model", s.model, "--epochs", str(s.epochs),
-                "--out", str(out), "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)], [out],
-                after=(f"dump-{p.labeler_name(s.labels)}",))
+            self.student(stages, f"student-{s.name}", asdict(s), s.labels, s.model, s.epochs,
+                         self.runs / s.name, "--final-corruptions", *extra, *flags(s.args), launcher=s.launcher)
         return stages
+
+    def student(self, stages: list[Stage], name: str, config: Any, labels: str | None, model: str, epochs: int,
+                out: Path, *args: str, launcher: list[str] | None = None) -> None:
+        """Plan a train.student run into `out` on the store of the labeler `labels` names, after its dump."""
+        labels = self.p.labeler_name(labels)
+        self.add(stages, name, config, [out / "last.pt"], [self.module(
+            "train.student", "--labels", str(self.store(labels)), "--model", model, "--epochs", str(epochs),
+            "--out", str(out), *args, launcher=launcher)], [out], after=(f"dump-{labels}",))
 
     def evaluations(self) -> list[Stage]:
         p, d, e, stages = self.p, self.p.dataset, self.p.eval, []
@@ -240,7 +240,7 @@ class Runner:
                   "background cells saying the image class | confidence object / background |",
                   "|---|---|---|---|---|---|---|"]
         for lab in self.p.labelers:
-            top1 = last_metrics(self.runs / lab.name / "metrics.jsonl").get("top1")
+            top1 = (read_jsonl(self.runs / lab.name / "metrics.jsonl") or [{}])[-1].get("top1")
             q = read_json(self.runs / lab.name / "quality.json")
             lines.append(f"| {lab.name} | {lab.model} | {fmt(top1)} | {fmt(q.get('label_target_acc'))} | "
                          f"{fmt(q.get('label_other_acc'))} | {fmt(q.get('label_background_image_class'))} | "
@@ -298,8 +298,3 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
-def last_metrics(path: Path) -> dict[str, Any]:
-    rows = read_jsonl(path)
-    return rows[-1] if rows else {}
