@@ -1,4 +1,4 @@
-"""The user-error type, the wrapper that makes it one line and exit status 2, and any exception as one line."""
+"""The user-error type, its CLI wrapper (one line, exit status 2), and any exception as one line."""
 
 import functools
 import re

@@ -1,4 +1,4 @@
-"""The labeler model of a dump on its device, labelling one batch at a time (uint8 in, normalised on the device)."""
+"""A dump's labeler model on its device, labelling one batch at a time (uint8 in, normalised there)."""
 
 import threading
 from contextlib import nullcontext

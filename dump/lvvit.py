@@ -8,7 +8,7 @@ a float16 tensor [2, k, H, W]: the top-k scores, then their class ids, also as f
 `.pt` is our sample key; a key that is not a plain relative path (absolute, `..`, a backslash or NUL) is
 refused both ways. Scores are float16 in both layouts, so they move bit for bit.
 
-Export writes only a store that fits its shards (dump.store.checks.check_matches), into a folder marked as our export
+Export writes only a store that fits its shards (dump.store.checks), into a folder marked as our export
 (`.tokenlabel.json`): `--overwrite` replaces such a folder (or an empty one), never other files, the store or
 its shard folder. Import writes a store (replacing, with `--overwrite`, only a label store).
 

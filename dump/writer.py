@@ -1,7 +1,4 @@
-"""The one writer of a dump: a shard's rows once all of them are in, then its done flag.
-
-Whole chunks, by this writer alone; the flag once the rows are on disk (dump.store.write.write_shard).
-"""
+"""The one writer of a dump: a shard's rows once all are in (whole chunks, by it alone), then its done flag."""
 
 import threading
 import time

@@ -83,9 +83,9 @@ def dataset(tmp_path_factory, lvvit_store):
 
 @pytest.fixture(scope="session")
 def make_store():
-    """make(path, manifest, scores, classes, keys, valid=None, split="train", num_classes=None): a complete store of
-    these maps ([N, k, H, W], all of `split`; footprint 64 px), written tar shard by tar shard as a dump does
-    (dump.store.write.write_shard)."""
+    """make(path, manifest, scores, classes, keys, valid=None, split="train", num_classes=None): a complete
+    store of these maps ([N, k, H, W], all of `split`; footprint 64 px), written tar shard by tar shard as a
+    dump does (dump.store.write.write_shard)."""
     import numpy as np
 
     from dump.store.schema import create_store, dataset_attrs, make_footprint, shard_range, store_attrs

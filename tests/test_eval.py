@@ -1,4 +1,4 @@
-"""train.checkpoint_eval: accuracies checked against the model run by hand, corruption accounting, mCE, the CLI."""
+"""train.checkpoint_eval: accuracies checked against the model run by hand, corruptions, mCE, the command line."""
 
 import json
 import zlib

@@ -76,8 +76,7 @@ def read_eval(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     path = path / EVAL_JSON if path.is_dir() else path
     if not path.is_file():
-        raise UserError(f"{path}: no eval results; run `python -m train.checkpoint_eval` on that run's checkpoint "
-                        "first")
+        raise UserError(f"{path}: no eval results; run `python -m train.checkpoint_eval` on its checkpoint first")
     return json.loads(path.read_text())
 
 

@@ -35,7 +35,7 @@ from train.targets import HardTokens, stored_token_targets
 def resolve_labels(path: str | Path, need_store: bool = True, shards: str | Path | None = None
                    ) -> tuple[Path, Path | None]:
     """(shard folder, label store) from `--labels` and `--shards`: a store, whose shards are `shards` or those
-    dump.store.reader.store_shards finds (its <dataset>/labels/ folder, else the dataset it records); or a dataset
+    store_shards finds (its <dataset>/labels/ folder, else the dataset it records); or a dataset
     folder holding exactly one store under labels/ (with several, they are listed)."""
     path = Path(path)
     if path.suffix == ".zarr" or (path / "zarr.json").is_file():

@@ -4,8 +4,7 @@ Loss = class cross-entropy + beta x mean token cross-entropy against the stored 
 each sample's recorded spatial transforms. `--no-token-labels` trains the same student on image labels only,
 everything else equal. `--online-labeler CKPT` runs a labeler inside the loop instead (STL's design), to measure
 what the offline store saves. Writes DIR/last.pt each epoch (resumable exactly), DIR/metrics.jsonl (one JSON
-object per epoch) and, at the end, DIR/eval.json (train.checkpoint_eval on the val split). Runs under torchrun
-for DDP.
+object per epoch) and, at the end, DIR/eval.json (train.checkpoint_eval, val split). Runs under torchrun for DDP.
 """
 
 import argparse

@@ -1,8 +1,6 @@
-"""Whether a store fits the shards it is used with: complete, made from exactly these images, no rows lost.
+"""Whether a store fits the shards it is used with: complete, made from these very images, no rows lost.
 
-A store records the shards' content digest and each tar shard's sha256 (`content_problem` names the first that
-differs), not only their key names; `check_matches` is the gate of every command that reads a store's rows with
-its images (`open_matching`).
+A store records the shards' content digest and each tar shard's sha256, not only their keys (`check_matches`).
 """
 
 from pathlib import Path

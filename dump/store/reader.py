@@ -1,8 +1,7 @@
-"""Reading a store: `LabelStore` (whole row ranges, opened lazily in each process), `open_store`, `store_shards`.
+"""Reading a store: `LabelStore` (whole row ranges, opened lazily per process), `open_store`, `store_shards`.
 
-`LabelStore.read_rows` checks that the rows it read carry the dump id of the store it opened, so a store replaced
-while a run reads it (dump.store.write.publishing: renamed aside, the new one moved in, then removed) stops the run
-instead of feeding it another dump's rows.
+`LabelStore.read_rows` checks that its rows carry the dump id of the store it opened: a store replaced while
+a run reads it (dump.store.write.publishing) stops the run instead of feeding it another dump's rows.
 """
 
 import bisect

@@ -14,10 +14,8 @@ Rows are chunked along N with `chunk_rows` rows per chunk, chosen so that every 
 chunk boundary: the first shard's count when all shards but the last have equal counts (one chunk = one tar
 shard), else the gcd of those counts (a tar shard then spans several chunks). Either way each chunk belongs to
 exactly one tar shard, so one writer alone ever writes it (zarr-python 3 has no locking; two writers of one
-chunk lose data; dump.store.write). Each store gets a dump id (uuid4) when it is created (dump.store.reader).
-
-The geometry of a map is its `footprint`: the square of the original image the labeler saw, resized to the
-labeler's input (see `footprint_box`).
+chunk lose data). A map's geometry is its `footprint`: the square of the original image the labeler saw,
+resized to the labeler's input (`footprint_box`).
 """
 
 import json

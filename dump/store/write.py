@@ -1,11 +1,10 @@
-"""Writing a store: shard by shard, durably, then complete; built aside, published whole, one writer at a time.
+"""Writing a store: shard by shard, durably, then complete; built aside and published whole; one writer.
 
-zarr's LocalStore (>= 3.1.3) writes each chunk to a temporary file and renames it, so a killed writer leaves a
+zarr's LocalStore (>= 3.1.3) writes each chunk to a temporary file and renames it: a killed writer leaves a
 chunk whole or absent. `write_shard` writes every chunk of a shard, even one of fill values only (Zarr would
-otherwise leave it out), fsyncs them, and only then its `done` flag: a shard without its flag is simply redone,
-and a done shard whose chunk files are missing now (dump.store.checks.missing_chunks) lost data since. The group
-attribute `complete` is set, by the driver alone, only once every shard's `done` flag is on disk. One dump at a
-time writes a store: `store_lock` holds `<store>.lock`.
+otherwise leave it out), fsyncs them, then its `done` flag: a shard without its flag is redone, and a done
+shard whose chunk files are missing now lost data since (dump.store.checks.missing_chunks). `complete` is set,
+by the driver alone, once every shard's `done` flag is on disk.
 """
 
 import contextlib
