@@ -55,7 +55,8 @@ from common.errors import UserError, cli
 from core.engine import train_step
 from core.seeding import seed_all
 from dump.lvvit import import_lvvit
-from dump.store import LabelStore, footprint_box
+from dump.store.reader import LabelStore
+from dump.store.schema import footprint_box
 from shards.build import build
 from shards.demo import build_demo
 from shards.manifest import load_manifest

@@ -40,11 +40,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from core.checkpoint import read_checkpoint, save_checkpoint
+from dump.batch_labeler import BatchLabeler
+from dump.batches import shard_batches
 from dump.dump_labels import dump
-from dump.labelling import DumpJob, Labeler, shard_batches
+from dump.job import DumpJob
 from dump.local_engine import PendingShards
 from dump.lvvit import export_lvvit
-from dump.store import make_footprint, open_store
+from dump.store.reader import open_store
+from dump.store.schema import make_footprint
 from shards.build import build
 from shards.manifest import load_manifest
 
@@ -108,7 +111,7 @@ def bare_forward(job: DumpJob, batches: int) -> float:
         single = dataclasses.replace(job, threads=1)
         with multiprocessing.get_context("fork").Pool(job.threads) as pool:
             return sum(pool.starmap(bare_forward, [(single, batches)] * job.threads))
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     size = job.footprint["input_size"]
     pixels = torch.randint(0, 256, (job.batch_size, 3, size, size), dtype=torch.uint8, device=job.device)
     with torch.inference_mode():
@@ -138,7 +141,7 @@ def cpu_decode(job: DumpJob) -> float:
 
 def device_decode(job: DumpJob) -> float:
     """img/s of the device decoder (nvJPEG + batched resample) on bytes already read into memory."""
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     batches = [b for p in range(len(job.manifest.shards("train"))) for b in shard_batches(job, p)]
     labeler.pixels(batches[0])
     sync(job.device)

@@ -1,4 +1,4 @@
-"""One error type for bad user input, and the wrapper that turns it into one line and a non-zero exit."""
+"""The user-error type, its CLI wrapper (one line, exit status 2), and any exception as one line."""
 
 import functools
 import re
@@ -38,3 +38,8 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
             sys.exit(130)
 
     return wrapped
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"

@@ -33,7 +33,7 @@ def save_checkpoint(path: str | Path, *, model_name: str, num_classes: int, img_
 
     `kind` is "labeler" or "student"; `model_kwargs` are the extra arguments that rebuild the model by name;
     `dense_head_trained` is False for a student trained without token labels (its per-token head got no loss);
-    `classes` are the training dataset's class names (train.eval refuses shards whose classes differ).
+    `classes` are the training set's class names (train.checkpoint_eval refuses shards with other classes).
     """
     payload = {
         "format": FORMAT,

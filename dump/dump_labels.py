@@ -43,20 +43,11 @@ from timm.data import resolve_model_data_config
 from common.errors import UserError, cli
 from common.files import refuse_overlap
 from core.imaging.pil import RESAMPLE
-from dump.labelling import DECODERS, PRECISIONS, DumpJob, ShardWriter
-from dump.store import (
-    create_store,
-    dataset_attrs,
-    identity_differences,
-    make_footprint,
-    mark_complete,
-    open_store,
-    publish,
-    refuse_foreign,
-    store_attrs,
-    store_lock,
-    temporary_path,
-)
+from dump.job import DECODERS, PRECISIONS, DumpJob
+from dump.store.reader import open_store
+from dump.store.schema import create_store, dataset_attrs, identity_differences, make_footprint, store_attrs
+from dump.store.write import mark_complete, publishing, refuse_foreign, store_lock
+from dump.writer import ShardWriter
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry
 from shards.manifest import load_manifest
@@ -109,9 +100,8 @@ def open_or_create(path: Path, attrs: dict[str, Any], overwrite: bool) -> zarr.G
         if not overwrite:
             raise UserError(f"{path}: an existing store made differently ({'; '.join(differences[:3])}"
                             f"{'; ...' if len(differences) > 3 else ''}); pass --overwrite to replace it or choose another --out")
-    tmp = temporary_path(path)
-    create_store(tmp, attrs)
-    publish(tmp, path)
+    with publishing(path) as tmp:
+        create_store(tmp, attrs)
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
 

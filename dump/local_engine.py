@@ -5,12 +5,16 @@ decoders and labelers over a cluster. Both write the same bits.
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.errors import UserError
-from dump.labelling import Batch, DumpJob, Labeler, ShardWriter, label_all, shard_batches
+from dump.batch_labeler import BatchLabeler
+from dump.batches import Batch, Labelled, shard_batches
+from dump.job import DumpJob
+from dump.writer import ShardWriter
 
 
 class PendingShards(IterableDataset):
@@ -31,7 +35,7 @@ class PendingShards(IterableDataset):
 
 def run_local(job: DumpJob, pending: list[int], writer: ShardWriter, workers: int | None = None) -> None:
     """Label the pending shards: `workers` decode processes (default: every CPU), the labeler in this process."""
-    labeler = Labeler(job)
+    labeler = BatchLabeler(job)
     workers = os.cpu_count() if workers is None else workers
     loader = DataLoader(PendingShards(job, pending), batch_size=None, num_workers=min(workers, len(pending)),
                         prefetch_factor=4 if workers else None)
@@ -43,3 +47,20 @@ def run_local(job: DumpJob, pending: list[int], writer: ShardWriter, workers: in
             yield item
 
     label_all(batches(), labeler, writer, concurrency=2 if labeler.device.type == "cuda" else 1)
+
+
+def label_all(batches: Iterator[Batch], labeler: Callable[[Batch], Labelled], writer: ShardWriter,
+              concurrency: int = 1) -> None:
+    """Label batches (up to `concurrency` at once, in threads) and hand the results to the writer."""
+    if concurrency == 1:
+        for batch in batches:
+            writer.add(labeler(batch))
+        return
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="labeler") as pool:
+        running: list[Future] = []
+        for batch in batches:
+            running.append(pool.submit(labeler, batch))
+            if len(running) > concurrency:
+                writer.add(running.pop(0).result())
+        for future in running:
+            writer.add(future.result())

@@ -8,7 +8,7 @@ a float16 tensor [2, k, H, W]: the top-k scores, then their class ids, also as f
 `.pt` is our sample key; a key that is not a plain relative path (absolute, `..`, a backslash or NUL) is
 refused both ways. Scores are float16 in both layouts, so they move bit for bit.
 
-Export writes only a store that fits its shards (dump.store.check_matches), into a folder marked as our export
+Export writes only a store that fits its shards (dump.store.checks), into a folder marked as our export
 (`.tokenlabel.json`): `--overwrite` replaces such a folder (or an empty one), never other files, the store or
 its shard folder. Import writes a store (replacing, with `--overwrite`, only a label store).
 
@@ -20,7 +20,6 @@ no LV-ViT file: export leaves them out and says how many.
 """
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +28,10 @@ from tqdm import tqdm
 
 from common.errors import UserError, cli
 from common.files import MARKER, read_marker, refuse_overlap, write_marker
-from dump.store import (
-    SHARDS_HELP,
-    create_store,
-    dataset_attrs,
-    examples,
-    make_footprint,
-    mark_complete,
-    open_matching,
-    publish,
-    refuse_foreign,
-    store_attrs,
-    store_lock,
-    temporary_path,
-    write_shard,
-)
+from dump.store.checks import examples, open_matching
+from dump.store.reader import SHARDS_HELP
+from dump.store.schema import create_store, dataset_attrs, make_footprint, store_attrs
+from dump.store.write import mark_complete, publishing, refuse_foreign, store_lock, write_shard
 from dump.verify import verify_store
 from shards.manifest import check_key, load_manifest
 from shards.reader import split_keys
@@ -72,8 +60,8 @@ def label_file(folder: Path, key: str, where: str) -> Path:
     return path
 
 
-def prepare_dir(out: Path, overwrite: bool) -> Path:
-    """A temporary sibling of `out` to write into; `out` must be absent or empty, or with --overwrite our export."""
+def check_export_dir(out: Path, overwrite: bool) -> None:
+    """`out` must be absent or empty, or with --overwrite our export; its parent is made."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"{out}: folder is not empty; pass --overwrite to replace an earlier export or choose "
@@ -83,7 +71,6 @@ def prepare_dir(out: Path, overwrite: bool) -> Path:
                             f"{EXPORT}); not replacing it (even with --overwrite): remove it yourself or choose "
                             f"another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return temporary_path(out)
 
 
 def export_lvvit(store_path: Path, out: Path, overwrite: bool = False, shards: Path | None = None) -> tuple[int, int]:
@@ -92,8 +79,8 @@ def export_lvvit(store_path: Path, out: Path, overwrite: bool = False, shards: P
     refuse_overlap(out, {"STORE": store.path, "its shard folder": manifest.root}, flag="DIR")
     keys, valid = store.keys, store.valid()
     with store_lock(out):
-        tmp = prepare_dir(out, overwrite)
-        try:
+        check_export_dir(out, overwrite)
+        with publishing(out) as tmp:
             bar = tqdm(total=store.num_rows, unit="img", desc="export")
             for position in range(len(store.attrs["dataset"]["shards"])):
                 start, stop = store.shard_rows(position)
@@ -108,10 +95,6 @@ def export_lvvit(store_path: Path, out: Path, overwrite: bool = False, shards: P
                 bar.update(stop - start)
             bar.close()
             write_marker(tmp, EXPORT, store=str(store.path.resolve()), dump_id=store.dump_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        publish(tmp, out)
     written = int(valid.sum())
     return written, len(valid) - written
 
@@ -153,8 +136,7 @@ def import_lvvit(src: Path, store_path: Path, shards: Path, *, split: str = "tra
         if store_path.exists() and not overwrite:
             raise UserError(f"{store_path}: already exists; pass --overwrite to replace it or choose another store")
         refuse_foreign(store_path, "STORE")
-        tmp = temporary_path(store_path)
-        try:
+        with publishing(store_path) as tmp:
             group = create_store(tmp, attrs)
             bar = tqdm(total=len(keys), unit="img", desc="import")
             start = 0
@@ -171,10 +153,6 @@ def import_lvvit(src: Path, store_path: Path, shards: Path, *, split: str = "tra
             failures, _ = verify_store(tmp, shards)
             if failures:
                 raise UserError(f"{src}: the imported labels fail verification: {failures[0]}")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        publish(tmp, store_path)
     return len(keys)
 
 

@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from common.errors import UserError, cli
 from core.label_quality import LabelQuality, cell_truth, top1_confidence
-from dump.store import SHARDS_HELP, check_matches, footprint_box, open_store, store_shards
+from dump.store.checks import check_matches
+from dump.store.reader import SHARDS_HELP, open_store, store_shards
+from dump.store.schema import footprint_box
 from shards.manifest import load_manifest
 from shards.reader import read_shard
 

@@ -24,8 +24,11 @@ import ray
 import ray.data
 from ray.util.annotations import RayDeprecationWarning
 
-from common.errors import UserError
-from dump.labelling import Batch, DumpJob, Labeler, Labelled, ShardWriter, first_line, shard_batches
+from common.errors import UserError, first_line
+from dump.batch_labeler import BatchLabeler
+from dump.batches import Batch, Labelled, shard_batches
+from dump.job import DumpJob
+from dump.writer import ShardWriter
 
 AUTH_HELP = ("set RAY_AUTH_MODE=token where you run this command, with the cluster's token in ~/.ray/auth_token, "
              "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
@@ -73,7 +76,7 @@ class LabelBatches:
 
     def __init__(self, job: DumpJob):
         try:
-            self.labeler: Labeler | UserError = Labeler(job, ray.get_runtime_context().get_node_id())
+            self.labeler: BatchLabeler | UserError = BatchLabeler(job, ray.get_runtime_context().get_node_id())
         except UserError as e:
             self.labeler = e
 

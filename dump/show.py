@@ -17,7 +17,9 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from common.errors import UserError, cli
-from dump.store import SHARDS_HELP, LabelStore, examples, footprint_box, open_matching
+from dump.store.checks import examples, open_matching
+from dump.store.reader import SHARDS_HELP, LabelStore
+from dump.store.schema import footprint_box
 from shards.manifest import Manifest
 from shards.reader import read_shard
 

@@ -16,16 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import cli
-from dump.store import (
-    SHARDS_HELP,
-    LabelStore,
-    content_problem,
-    dataset_attrs,
-    misplaced_keys,
-    missing_chunks,
-    open_store,
-    store_shards,
-)
+from dump.store.checks import content_problem, misplaced_keys, missing_chunks
+from dump.store.reader import SHARDS_HELP, LabelStore, open_store, store_shards
+from dump.store.schema import dataset_attrs
 from shards.manifest import keys_digest, load_manifest
 from shards.reader import split_keys
 

@@ -14,7 +14,7 @@ RESERVED = ("stages", "pictures", "results", "summary.md")  # what the runner it
 
 
 @dataclass
-class Dataset:
+class DatasetSpec:
     out: str                          # shards/<name>
     demo: dict[str, Any] | None = None  # arguments of shards.demo (train, val, size, ...), or
     imagefolder: str | None = None    # an ImageFolder root for shards.build
@@ -22,24 +22,24 @@ class Dataset:
 
 
 @dataclass
-class Dump:
+class DumpSpec:
     topk: int = 5
     input_size: int | None = None     # labeler input side; the grid follows from the labeler's stride
     args: Args = field(default_factory=dict)
 
 
 @dataclass
-class Labeler:
+class LabelerSpec:
     name: str                         # run folder <runs>/<name>; store <dataset.out>/labels/<name>.zarr
     model: str
     epochs: int
     launcher: list[str] | None = None  # e.g. [torchrun, --nproc_per_node, "8"]; default: python
     args: Args = field(default_factory=dict)
-    dump: Dump = field(default_factory=Dump)
+    dump: DumpSpec = field(default_factory=DumpSpec)
 
 
 @dataclass
-class Student:
+class StudentSpec:
     name: str                         # run folder <runs>/<name>
     model: str
     epochs: int
@@ -50,7 +50,7 @@ class Student:
 
 
 @dataclass
-class Eval:
+class EvalSpec:
     baseline: str | None = None       # a student name: mCE is computed against it
     corruptions: list[str] | None = None
     severities: list[int] | None = None
@@ -58,7 +58,7 @@ class Eval:
 
 
 @dataclass
-class Pictures:
+class PicturesSpec:
     count: int = 4                    # token-label pictures (dump.show) of the first train samples
 
 
@@ -66,11 +66,11 @@ class Pictures:
 class Pipeline:
     name: str
     runs: str                         # folder of the labeler and student runs
-    dataset: Dataset
-    labelers: list[Labeler]           # the first is the students' default
-    students: list[Student]
-    eval: Eval = field(default_factory=Eval)
-    pictures: Pictures = field(default_factory=Pictures)
+    dataset: DatasetSpec
+    labelers: list[LabelerSpec]       # the first is the students' default
+    students: list[StudentSpec]
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    pictures: PicturesSpec = field(default_factory=PicturesSpec)
     description: str = ""
     jobs: int = 1                     # stages side by side (e.g. 2 on a 2-core machine: one thread each)
 
@@ -136,7 +136,7 @@ def stage_args(pipeline: Pipeline) -> list[tuple[str, str, Args]]:
     where = f"pipelines.yaml:{pipeline.name}"
     dataset_tool = "shards.demo" if pipeline.dataset.demo is not None else "shards.build"
     out = [(f"{where}.dataset.args", dataset_tool, pipeline.dataset.args),
-           (f"{where}.eval.args", "train.eval", pipeline.eval.args)]
+           (f"{where}.eval.args", "train.checkpoint_eval", pipeline.eval.args)]
     for i, labeler in enumerate(pipeline.labelers):
         out += [(f"{where}.labelers[{i}].args", "labeler.train", labeler.args),
                 (f"{where}.labelers[{i}].dump.args", "dump.dump_labels", labeler.dump.args)]

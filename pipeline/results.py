@@ -2,24 +2,22 @@
 
 `python -m pipeline.results --pipeline demo --seeds 0 1 2 --jobs 2` prepares the pipeline's dataset, labelers,
 dumps and label-quality reports (skipped when up to date), trains every variant once per seed at equal epochs
-(a finished run is reused, an interrupted one resumed; each run logs to its own file), and writes the table
+(each a stage of the pipeline's runner: reused while its flags and its store are the same, else redone; an
+interrupted one resumed; with --jobs > 1 each logs to <runs>/stages/NAME.log), and writes the table
 between the markers of docs/results.md. Every variant is the pipeline's first token-label student (model,
 epochs, args) plus the variant's flags, reading the store of the variant's labeler (the first unless named).
 """
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.errors import UserError, cli
-from pipeline.__main__ import ROOT, Runner, flags, read_json, read_jsonl, thread_share
 from pipeline.config import check_pipeline, load_pipelines
+from pipeline.runner import ROOT, Runner, Stage, flags, read_json, read_jsonl
 
 BASELINE = "no token labels"
 
@@ -72,22 +70,6 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {spread:.2f}"
 
 
-def train(store: Path, out: Path, model: str, epochs: int, seed: int, flag_args: list[str], threads: int) -> None:
-    """One variant-seed run of train.student on `store` (resumed, or reused when its folder already holds it)."""
-    if (out / "eval.json").is_file():
-        return
-    command = [sys.executable, "-m", "train.student", "--labels", str(store), "--model", model,
-               "--epochs", str(epochs), "--out", str(out), "--seed", str(seed), *flag_args]
-    print("$ " + " ".join(command[1:]), flush=True)
-    log = out.parent / f"{out.name}.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if done.returncode != 0:
-        raise UserError(f"{out}: training failed (log: {log}); run the same command again to resume")
-
-
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,20 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     names = args.variants or list(table_variants)
     runner = Runner(pipeline)
     runner.prepare(args.jobs)
-    threads = thread_share(args.jobs)
     folder = runner.runs / f"results{args.name}"
     out = {(name, seed): folder / slug(name) / f"seed{seed}" for name in names for seed in args.seeds}
-
-    def run(key: tuple[str, int]) -> None:
-        name, seed = key
+    stages: list[Stage] = []
+    for (name, seed), run in out.items():  # each a stage: redone when its flags or its store changed
         variant = dict(table_variants[name])
         labels = variant.pop("labels", None)
-        train(runner.store(labels), out[key], model, epochs, seed,
-              ["--final-corruptions", *args.corruptions, "--workers", "1" if args.jobs > 1 else "2",
-               *flags({**shared, **variant})], threads)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run, out))
+        config = {"model": model, "epochs": epochs, "seed": seed, "corruptions": args.corruptions,
+                  "flags": {**shared, **variant}}
+        runner.student(stages, f"results{args.name}-{slug(name)}-seed{seed}", config, labels, model, epochs,
+                       run, "--seed", str(seed), "--final-corruptions", *args.corruptions,
+                       "--workers", "1" if args.jobs > 1 else "2", *flags(config["flags"]))
+    runner.execute(stages, args.jobs)
     rows, seed_rows = [], []
     quality = {lab.name: read_json(runner.runs / lab.name / "quality.json") for lab in pipeline.labelers}
     by_variant = {name: [read_run(out[name, seed]) for seed in args.seeds] for name in names}

@@ -82,20 +82,25 @@ def dataset(tmp_path_factory, lvvit_store):
 
 
 @pytest.fixture(scope="session")
-def fill_store():
-    """fill(group, manifest, split, scores, classes, keys, valid=None): write a new store's rows (all of `split`,
-    [N, ...] arrays) tar shard by tar shard as a dump does (dump.store.write_shard), then mark it complete."""
+def make_store():
+    """make(path, manifest, scores, classes, keys, valid=None, split="train", num_classes=None): a complete
+    store of these maps ([N, k, H, W], all of `split`; footprint 64 px), written tar shard by tar shard as a
+    dump does (dump.store.write.write_shard)."""
     import numpy as np
 
-    from dump.store import mark_complete, shard_range, write_shard
+    from dump.store.schema import create_store, dataset_attrs, make_footprint, shard_range, store_attrs
+    from dump.store.write import mark_complete, write_shard
 
-    def fill(group, manifest, split, scores, classes, keys, valid=None):
+    def make(path, manifest, scores, classes, keys, valid=None, split="train", num_classes=None):
+        group = create_store(path, store_attrs(
+            num_classes=num_classes or manifest.num_classes, k=scores.shape[1], grid=scores.shape[2:],
+            footprint=make_footprint(64), labeler={"model": "test"}, dataset=dataset_attrs(manifest, split),
+            producer={"tool": "test"}))
         valid = np.ones(len(keys), np.uint8) if valid is None else valid
-        shards = group.attrs["dataset"]["shards"]
         for position, sha256 in enumerate(manifest.shard_digests(split)):
-            rows = slice(*shard_range(shards, position))
+            rows = slice(*shard_range(group.attrs["dataset"]["shards"], position))
             write_shard(group, position, scores=scores[rows], classes=classes[rows], valid=valid[rows],
                         keys=list(keys[rows]), sha256=sha256)
-        return mark_complete(group)
+        mark_complete(group)
 
-    return fill
+    return make

@@ -32,13 +32,17 @@ from core.checkpoint import save_checkpoint
 from core.imaging.boxes import fill_colour, shifted
 from core.imaging.device import normalise
 from core.imaging.pil import labeler_input
+from dump.batch_labeler import BatchLabeler
 from dump.dump_labels import dump
 from dump.dump_labels import main as dump_main
-from dump.labelling import DumpJob, Labeler, ShardWriter
+from dump.job import DumpJob
 from dump.ray_engine import run_ray
-from dump.store import check_matches, footprint_box, make_footprint, open_store
+from dump.store.checks import check_matches
+from dump.store.reader import open_store
+from dump.store.schema import footprint_box, make_footprint
 from dump.verify import main as verify_main
 from dump.verify import verify_store
+from dump.writer import ShardWriter
 from labeler.load import load_labeler
 from shards.manifest import load_manifest
 from shards.reader import read_shard, split_keys
@@ -403,11 +407,11 @@ def test_labelers_refuse_a_checkpoint_replaced_since_the_driver_read_it(ray_clus
     job = DumpJob(load_manifest(demo_shards), "train", str(path), str(out), TOPK, attrs["footprint"],
                   tuple(attrs["labeler"]["mean"]), tuple(attrs["labeler"]["std"]), BATCH, 1, "raise", "cpu", "fp32",
                   "cpu", attrs["labeler"]["sha256"])
-    Labeler(job)  # the file the driver read
+    BatchLabeler(job)  # the file the driver read
     make_checkpoint(tmp_path / "next.pt", seed=1).replace(path)
     message = rf"{path}: replaced since this job read it \(sha256 {attrs['labeler']['sha256'][:12]}\.\.\., now "
     with pytest.raises(UserError, match=message):
-        Labeler(job)
+        BatchLabeler(job)
     with pytest.raises(UserError, match=message) as refused:  # the same from Ray Data's labeler actors
         run_ray(job, [0], ShardWriter(job), actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0)
     assert "\n" not in str(refused.value)

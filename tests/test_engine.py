@@ -16,7 +16,7 @@ from core.eval_data import EvalTransform
 from core.imaging.boxes import centre_box, fill_colour
 from core.imaging.pil import labeler_input
 from core.optim import Optimization
-from dump.store import footprint_box, make_footprint
+from dump.store.schema import footprint_box, make_footprint
 from shards.build import build
 from shards.reader import ShardReader
 from train.augment import LabelAwareEvalTransform, LabelAwareTransform

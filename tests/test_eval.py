@@ -1,4 +1,4 @@
-"""train.eval: accuracies checked against the model run by hand, corruption accounting, mCE, the command line."""
+"""train.checkpoint_eval: accuracies checked against the model run by hand, corruptions, mCE, the command line."""
 
 import json
 import zlib
@@ -18,7 +18,7 @@ from core.label_quality import LabelQuality, cell_truth, top1_confidence
 from shards.demo import build_demo
 from shards.manifest import load_manifest
 from shards.reader import ShardReader
-from train.eval import check_classes, load_model, main
+from train.checkpoint_eval import check_classes, load_model, main
 from train.models import build_student
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255

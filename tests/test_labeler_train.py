@@ -52,7 +52,7 @@ def test_training_lowers_the_loss(shards, tmp_path):
     for key in ("top1", "top1_pooled", "label_target_acc", "label_other_acc", "label_background_image_class", "lr",
                 "time"):
         assert key in rows[-1]
-    assert read_checkpoint(tmp_path / "last.pt")["classes"] == load_manifest(shards).classes  # what train.eval checks
+    assert read_checkpoint(tmp_path / "last.pt")["classes"] == load_manifest(shards).classes  # for checkpoint_eval
 
 
 def test_resume_is_bitwise_identical(shards, straight, tmp_path):

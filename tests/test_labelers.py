@@ -18,7 +18,8 @@ from core.imaging.boxes import shifted
 from core.imaging.device import normalise
 from core.imaging.pil import labeler_input
 from dump.dump_labels import dump
-from dump.store import footprint_box, make_footprint, open_store
+from dump.store.reader import open_store
+from dump.store.schema import footprint_box, make_footprint
 from labeler.dense import DenseClassifier, build_labeler
 from labeler.load import load_labeler
 from labeler.receptive import input_shift, token_geometry

@@ -42,7 +42,7 @@ def test_a_crafted_checkpoint_runs_nothing_through_any_command(dataset, tmp_path
     student = ["train.student", "--model", "fan_demo_tiny_p8", "--epochs", "1", "--batch-size", "8", "--workers", "0",
                "--final-corruptions", "none"]
     uses = {
-        "eval": lambda ckpt: ["train.eval", str(ckpt), "--shards", str(root), "--corruptions"],
+        "eval": lambda ckpt: ["train.checkpoint_eval", str(ckpt), "--shards", str(root), "--corruptions"],
         "dump": lambda ckpt: ["dump.dump_labels", "--shards", str(root), "--checkpoint", str(ckpt), "--out",
                               str(tmp_path / "dump.zarr"), "--engine", "local", "--workers", "0"],
         "resume": lambda ckpt: [*student, "--labels", str(store), "--out", str(tmp_path / "resume"), "--resume",

@@ -12,7 +12,9 @@ import zarr
 from common.errors import UserError
 from dump.lvvit import export_lvvit, import_lvvit
 from dump.lvvit import main as lvvit_main
-from dump.store import create_store, dataset_attrs, make_footprint, mark_complete, open_store, store_attrs
+from dump.store.reader import open_store
+from dump.store.schema import make_footprint
+from dump.store.write import mark_complete
 from dump.verify import verify_store
 from shards.manifest import load_manifest
 from shards.reader import split_keys
@@ -98,7 +100,7 @@ def many_classes(demo_shards, tmp_path):
     return root
 
 
-def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path, fill_store):
+def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path, make_store):
     keys = split_keys(many_classes, "train")
     files = write_lvvit_dir(tmp_path / "files", keys, num_classes=2049)  # ids up to 2048: exact in float16
     import_lvvit(files, tmp_path / "ok.zarr", many_classes)
@@ -109,12 +111,9 @@ def test_float16_class_ids_above_2048_are_refused(many_classes, tmp_path, fill_s
     with pytest.raises(UserError, match=r"class id 2050 > 2048 cannot be exact in LV-ViT's float16 layout"):
         import_lvvit(files, tmp_path / "bad.zarr", many_classes)
     # export: a store holding id 2049 cannot be written as LV-ViT files without rounding it
-    manifest = load_manifest(many_classes)
-    attrs = store_attrs(num_classes=3000, k=1, grid=(1, 1), footprint=make_footprint(64), labeler={},
-                        dataset=dataset_attrs(manifest, "train"), producer={})
-    group = create_store(tmp_path / "wide.zarr", attrs)
     n = len(keys)
-    fill_store(group, manifest, "train", np.zeros((n, 1, 1, 1)), np.full((n, 1, 1, 1), 2049), keys)
+    maps = np.zeros((n, 1, 1, 1)), np.full((n, 1, 1, 1), 2049)
+    make_store(tmp_path / "wide.zarr", load_manifest(many_classes), *maps, keys, num_classes=3000)
     with pytest.raises(UserError, match=r"row 0 .*class id 2049 > 2048 cannot be exact"):
         export_lvvit(tmp_path / "wide.zarr", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from common.errors import UserError
 from core.label_quality import BACKGROUND, MIXED, LabelQuality, cell_truth, top1_confidence
 from dump.quality import main as quality_main
 from dump.quality import store_quality
-from dump.store import create_store, dataset_attrs, footprint_box, make_footprint, store_attrs
+from dump.store.schema import footprint_box, make_footprint
 from shards.build import build
 from shards.manifest import load_manifest
 from shards.reader import read_shard
@@ -60,28 +60,24 @@ def test_confidence_is_over_the_top_k_as_a_store_keeps_them():
 
 
 @pytest.fixture
-def write_store(fill_store):
+def write_store(make_store):
     """make(path, shards, cell_label): a complete store over the train split whose top-1 per cell is
     cell_label(sample, truth) (confidence 0.9)."""
     def make(path, shards, cell_label):
         manifest = load_manifest(shards)
         grid = (8, 8)
-        attrs = store_attrs(num_classes=10, k=2, grid=grid, footprint=make_footprint(64),
-                            labeler={"model": "hand-made"}, dataset=dataset_attrs(manifest, "train"),
-                            producer={"tool": "test"})
-        group = create_store(path, attrs)
         scores = np.zeros((manifest.count("train"), 2, *grid), np.float16)
         classes = np.zeros(scores.shape, np.int16)
         keys = []
         for name, _ in manifest.shards("train"):
             for sample in read_shard(shards, "train", name):
-                truth = cell_truth(np.asarray(sample["mask"]), footprint_box(attrs["footprint"], 64, 64), grid)
+                truth = cell_truth(np.asarray(sample["mask"]), footprint_box(make_footprint(64), 64, 64), grid)
                 top = np.asarray(cell_label(sample, truth)).reshape(grid)
                 row = sample["index"]
                 classes[row, 0], classes[row, 1] = top, (top + 1) % 10
                 scores[row, 0], scores[row, 1] = np.log(9.0), 0.0  # softmax over the two: 0.9 / 0.1
                 keys.append(sample["key"])
-        fill_store(group, manifest, "train", scores, classes, keys)
+        make_store(path, manifest, scores, classes, keys)
         return path
 
     return make

@@ -7,7 +7,7 @@ from PIL import Image
 
 from core.imaging.device import normalise, render_boxes
 from core.imaging.pil import labeler_input
-from dump.store import footprint_box, make_footprint
+from dump.store.schema import footprint_box, make_footprint
 
 FILL = (124, 116, 104)
 

@@ -12,20 +12,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.errors import UserError
 from dump.show import show
-from dump.store import (
-    LabelStore,
-    check_matches,
+from dump.store.checks import check_matches
+from dump.store.reader import LabelStore, open_store, store_shards
+from dump.store.schema import (
     chunk_rows,
     create_store,
     dataset_attrs,
     footprint_box,
     identity_differences,
     make_footprint,
-    open_store,
     store_attrs,
-    store_lock,
-    store_shards,
 )
+from dump.store.write import store_lock
 from dump.verify import main as verify_main
 from dump.verify import verify_store
 from shards.demo import build_demo
@@ -43,23 +41,11 @@ def random_maps(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.
 
 
 @pytest.fixture
-def filled_store(fill_store):
-    """make(path, manifest, split="train", seed=0): a complete store with random valid maps for every key."""
-    def make(path, manifest: Manifest, split: str = "train", seed: int = 0):
-        attrs = store_attrs(num_classes=manifest.num_classes, k=K, grid=GRID, footprint=make_footprint(64),
-                            labeler={"model": "test"}, dataset=dataset_attrs(manifest, split),
-                            producer={"tool": "test"})
-        group = create_store(path, attrs)
-        scores, classes = random_maps(np.random.default_rng(seed), manifest.count(split), manifest.num_classes)
-        fill_store(group, manifest, split, scores, classes, split_keys(manifest.root, split))
-        return group
-
-    return make
-
-
-@pytest.fixture
-def store(demo_shards, tmp_path, filled_store):
-    filled_store(tmp_path / "labels.zarr", load_manifest(demo_shards))
+def store(demo_shards, tmp_path, make_store):
+    """A complete store with random valid maps for every key of the demo's train split."""
+    manifest = load_manifest(demo_shards)
+    maps = random_maps(np.random.default_rng(0), manifest.count("train"), manifest.num_classes)
+    make_store(tmp_path / "labels.zarr", manifest, *maps, split_keys(demo_shards, "train"))
     return open_store(tmp_path / "labels.zarr")
 
 

@@ -27,14 +27,8 @@ from dump.dump_labels import dump
 from dump.lvvit import export_lvvit, import_lvvit
 from dump.quality import store_quality
 from dump.show import show
-from dump.store import (
-    check_matches,
-    create_store,
-    dataset_attrs,
-    make_footprint,
-    open_store,
-    store_attrs,
-)
+from dump.store.checks import check_matches
+from dump.store.reader import open_store
 from dump.verify import verify_store
 from shards.build import Sample, prepare_out, write_dataset
 from shards.demo import CLASSES, build_demo, demo_samples
@@ -121,7 +115,7 @@ def test_a_version_1_store_is_refused_in_one_line(dataset):
         StudentData(root, store, plain())
 
 
-def test_chunk_files_missing_now_are_refused_and_all_fill_chunks_are_written(dataset, tmp_path, fill_store):
+def test_chunk_files_missing_now_are_refused_and_all_fill_chunks_are_written(dataset, tmp_path, make_store):
     root, _, store = dataset
     (store / "scores" / "c" / "1" / "0" / "0" / "0").unlink()  # shard 1's maps: Zarr would read NaN, as skipped
     lost = r"tar shard train-000001.tar is done but 1 of its chunk files are missing \(e.g. scores/c/1/0/0/0\)"
@@ -132,14 +126,12 @@ def test_chunk_files_missing_now_are_refused_and_all_fill_chunks_are_written(dat
         StudentData(root, store, plain())
     # a shard whose every sample was skipped holds fill values only (NaN, -1, valid 0): its chunks exist all the same
     manifest = load_manifest(root)
-    attrs = store_attrs(num_classes=10, k=1, grid=(2, 2), footprint=make_footprint(64), labeler={},
-                        dataset=dataset_attrs(manifest, "train"), producer={})
     skipped = tmp_path / "skipped.zarr"
     n = manifest.count("train")
     valid = np.repeat([1, 0], PER_SHARD).astype(np.uint8)
     scores = np.where(valid[:, None, None, None], 1.0, np.nan) * np.ones((n, 1, 2, 2))
     classes = np.where(valid[:, None, None, None], 0, -1) * np.ones((n, 1, 2, 2), np.int32)
-    fill_store(create_store(skipped, attrs), manifest, "train", scores, classes, split_keys(root, "train"), valid)
+    make_store(skipped, manifest, scores, classes, split_keys(root, "train"), valid)
     assert (skipped / "scores" / "c" / "1" / "0" / "0" / "0").is_file() and (skipped / "valid" / "c" / "1").is_file()
     check_matches(open_store(skipped), manifest, "train")
 
@@ -295,15 +287,12 @@ def crafted_shards(root: Path, keys: list[str]) -> Path:
 
 
 @pytest.mark.parametrize("bad", ["a/../../ESCAPED", "/ABSOLUTE"])
-def test_keys_that_would_leave_the_folder_are_refused(tmp_path, fill_store, bad):
+def test_keys_that_would_leave_the_folder_are_refused(tmp_path, make_store, bad):
     bad = str(tmp_path / "ABSOLUTE") if bad == "/ABSOLUTE" else bad
     keys = ["0/fine", bad]
     root = crafted_shards(tmp_path / "crafted", keys)
-    manifest = load_manifest(root)
-    attrs = store_attrs(num_classes=2, k=1, grid=(1, 1), footprint=make_footprint(64), labeler={},
-                        dataset=dataset_attrs(manifest, "train"), producer={})
     store = tmp_path / "crafted.zarr"
-    fill_store(create_store(store, attrs), manifest, "train", np.zeros((2, 1, 1, 1)), np.zeros((2, 1, 1, 1)), keys)
+    make_store(store, load_manifest(root), np.zeros((2, 1, 1, 1)), np.zeros((2, 1, 1, 1)), keys)
     out = tmp_path / "deep" / "export"
     refused = rf"crafted.zarr: row 1: key '{re.escape(bad)}' (is an absolute path|has an empty, '.' or '..')"
     with pytest.raises(UserError, match=refused):

@@ -18,7 +18,7 @@ from core.checkpoint import read_checkpoint, save_checkpoint
 from core.engine import train_step
 from shards.build import build
 from shards.demo import build_demo
-from train.eval import main as eval_main
+from train.checkpoint_eval import main as eval_main
 from train.mixing import MixInfo, apply_mix, mix_tokens
 from train.student import Run, build_parser, check_args, main
 from train.targets import class_targets
@@ -331,8 +331,8 @@ def test_without_a_store_the_input_size_is_the_models_own(dataset, tmp_path):
 
 def test_a_run_without_token_labels_reports_nothing_of_its_untrained_dense_head(dataset, tmp_path):
     """--no-token-labels trains no loss through the per-token head: its checkpoint says so, and neither the
-    per-epoch records, eval.json nor train.eval report a score read from its token logits (top1_combined would
-    add 0.5 x the max of untrained logits)."""
+    per-epoch records, eval.json nor train.checkpoint_eval report a score read from its token logits
+    (top1_combined would add 0.5 x the max of untrained logits)."""
     root, store = dataset
     main(argv(store, tmp_path / "run", "--no-token-labels", "--max-steps", "1"))
     assert read_checkpoint(tmp_path / "run" / "last.pt")["dense_head_trained"] is False

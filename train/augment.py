@@ -256,7 +256,7 @@ class LabelAwareTransform:
 class LabelAwareEvalTransform:
     """Eval view (core.imaging.boxes: the centred square of side crop_pct * shorter side at S x S) with its mapping, as
     (normalised tensor [3, S, S], mapping float32 [3, 3]). crop_pct=1 is the view a labeler's footprint
-    describes (dump.store.footprint_box)."""
+    describes (dump.store.schema.footprint_box)."""
 
     def __init__(self, img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD):

@@ -22,7 +22,9 @@ from torchvision.transforms.functional import normalize, to_tensor
 from common.errors import UserError
 from core.data import TrainSplit
 from core.imaging.pil import warp_image
-from dump.store import LabelStore, check_matches, footprint_box, open_store, store_shards
+from dump.store.checks import check_matches
+from dump.store.reader import LabelStore, open_store, store_shards
+from dump.store.schema import footprint_box
 from shards.manifest import MANIFEST, load_manifest
 from shards.reader import decode_sample, open_sample
 from train.augment import LabelAwareTransform
@@ -33,7 +35,7 @@ from train.targets import HardTokens, stored_token_targets
 def resolve_labels(path: str | Path, need_store: bool = True, shards: str | Path | None = None
                    ) -> tuple[Path, Path | None]:
     """(shard folder, label store) from `--labels` and `--shards`: a store, whose shards are `shards` or those
-    dump.store.store_shards finds (its <dataset>/labels/ folder, else the dataset it records); or a dataset
+    store_shards finds (its <dataset>/labels/ folder, else the dataset it records); or a dataset
     folder holding exactly one store under labels/ (with several, they are listed)."""
     path = Path(path)
     if path.suffix == ".zarr" or (path / "zarr.json").is_file():

@@ -4,7 +4,7 @@ Loss = class cross-entropy + beta x mean token cross-entropy against the stored 
 each sample's recorded spatial transforms. `--no-token-labels` trains the same student on image labels only,
 everything else equal. `--online-labeler CKPT` runs a labeler inside the loop instead (STL's design), to measure
 what the offline store saves. Writes DIR/last.pt each epoch (resumable exactly), DIR/metrics.jsonl (one JSON
-object per epoch) and, at the end, DIR/eval.json (train.eval on the val split). Runs under torchrun for DDP.
+object per epoch) and, at the end, DIR/eval.json (train.checkpoint_eval, val split). Runs under torchrun for DDP.
 """
 
 import argparse
@@ -21,12 +21,12 @@ from core.corruptions import CORRUPTIONS, check_corruptions
 from core.flags import HelpFormatter, add_training_flags, check_training_args
 from core.resume import dataset_identity
 from core.trainer import Trainer, run_training
-from dump.store import SHARDS_HELP, open_store
+from dump.store.reader import SHARDS_HELP, open_store
 from labeler.load import load_labeler
 from shards.manifest import load_manifest
 from train.augment import INTERPOLATIONS, LabelAwareTransform
+from train.checkpoint_eval import EVAL_JSON
 from train.data import AUGMENT_ON, StudentData, resolve_labels
-from train.eval import EVAL_JSON
 from train.models import build_student, model_input_size
 from train.objective import COMPILE_MODES, MIX_MODES, TL_ALIGN_MODES, StepConfig, StudentObjective
 from train.targets import TOKEN_TARGET_KINDS

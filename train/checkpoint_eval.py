@@ -1,8 +1,8 @@
 """Evaluation of a labeler or student checkpoint: top-1 (class head, combined, pooled), label quality, corruptions.
 
-`python -m train.eval CHECKPOINT --shards shards/demo [--baseline RUN_DIR]` runs core.engine.evaluate, the
-evaluation labeler.train and train.student run after every epoch, on the checkpoint's EMA weights, and prints
-and writes JSON with:
+`python -m train.checkpoint_eval CHECKPOINT --shards shards/demo [--baseline RUN_DIR]` runs
+core.engine.evaluate, the evaluation labeler.train and train.student run after every epoch, on the checkpoint's
+EMA weights, and prints and writes JSON with:
 - top1: the class head alone; top1_combined: class logits + 0.5 x per-class max over token logits (the score
   LV-ViT and STL report); top1_pooled: the mean of the token logits (what FAN-TL trains its dense head for);
 - the label-quality report of core.label_quality where the shards have masks;
@@ -77,7 +77,7 @@ def read_eval(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     path = path / EVAL_JSON if path.is_dir() else path
     if not path.is_file():
-        raise UserError(f"{path}: no eval results; run `python -m train.eval` on that run's checkpoint first")
+        raise UserError(f"{path}: no eval results; run `python -m train.checkpoint_eval` on its checkpoint first")
     return json.loads(path.read_text())
 
 
