@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 ORDER = ("common", "shards", "core", "labeler", "dump", "train", "pipeline")
 LAYERS = {package: set(ORDER[:i]) for i, package in enumerate(ORDER)}
 # all that train takes from dump: the store and its reader API (pixels and boxes are core.imaging's, below both)
-TRAIN_FROM_DUMP = {("dump.store", name) for name in ("LabelStore", "SHARDS_HELP", "check_matches", "footprint_box",
-                                                     "open_store", "store_shards")}
+TRAIN_FROM_DUMP = {("dump.store.reader", "LabelStore"), ("dump.store.reader", "SHARDS_HELP"),
+                   ("dump.store.reader", "open_store"), ("dump.store.reader", "store_shards"),
+                   ("dump.store.checks", "check_matches"), ("dump.store.schema", "footprint_box")}
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
