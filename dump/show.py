@@ -48,8 +48,9 @@ def class_colours(num_classes: int) -> ListedColormap:
 
 
 def render(image: Image.Image, scores: np.ndarray, classes: np.ndarray, box: tuple[float, float, float, float],
-           names: list[str], title: str, out: Path) -> None:
-    """Draw the three panels for one map (scores/classes [k, H, W]) covering `box` of `image`."""
+           names: list[str], title: str, out: Path) -> Figure:
+    """Draw the three panels for one map (scores/classes [k, H, W]) covering `box` of `image` (its cells tile the
+    box: on a non-square box they are not square), save them to `out` and return the figure."""
     logits = scores.astype(np.float32)
     probs = np.exp(logits - logits.max(axis=0))
     confidence = probs[0] / probs.sum(axis=0)
@@ -82,13 +83,14 @@ def render(image: Image.Image, scores: np.ndarray, classes: np.ndarray, box: tup
     fig.colorbar(shown, ax=axes[2], fraction=0.046)
     fig.suptitle(title)
     fig.savefig(out, dpi=110)
+    return fig
 
 
-def show(store_path: Path, key: str, out: Path, shards: Path | None = None) -> None:
-    picture(*open_matching(store_path, shards), key, out)
+def show(store_path: Path, key: str, out: Path, shards: Path | None = None) -> Figure:
+    return picture(*open_matching(store_path, shards), key, out)
 
 
-def picture(store: LabelStore, manifest: Manifest, key: str, out: Path) -> None:
+def picture(store: LabelStore, manifest: Manifest, key: str, out: Path) -> Figure:
     """The three panels of one key's map, of a store that fits its shards (`open_matching`)."""
     names = manifest.classes
     row = find_row(store, key)
@@ -100,7 +102,7 @@ def picture(store: LabelStore, manifest: Manifest, key: str, out: Path) -> None:
     labeler = store.attrs["labeler"]["model"]
     title = f"{key}   (class {cls}: {names[cls]})   labels: {labeler}, {store.path.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    render(image, scores[0], classes[0], box, names, title, out)
+    return render(image, scores[0], classes[0], box, names, title, out)
 
 
 @cli

@@ -14,8 +14,9 @@ Rows are chunked along N with `chunk_rows` rows per chunk, chosen so that every 
 chunk boundary: the first shard's count when all shards but the last have equal counts (one chunk = one tar
 shard), else the gcd of those counts (a tar shard then spans several chunks). Either way each chunk belongs to
 exactly one tar shard, so one writer alone ever writes it (zarr-python 3 has no locking; two writers of one
-chunk lose data). A map's geometry is its `footprint`: the square of the original image the labeler saw,
-resized to the labeler's input (`footprint_box`).
+chunk lose data). A map's geometry is its `footprint`: the region of the original image the labeler saw,
+resized to the labeler's input (`footprint_box`): the centred square of the shorter side (crop "center", LV-ViT's
+and the dump's), or the whole image, its aspect ratio not kept (crop "whole", ReLabel's).
 """
 
 import json
@@ -40,29 +41,43 @@ NOT_IDENTITY = ("complete", "skipped", "dump_id")  # the run state of a store an
 # what it is made from and how: a dump resumes a store only where all of that is the same
 ROW_ARRAYS = ("scores", "classes", "keys", "valid")  # chunked along the rows, `chunk_rows` rows per chunk
 SHARD_ARRAYS = ("shard_sha256", "dump_id", "done")  # one element, one chunk, per tar shard; `done` written last
+# a footprint's crop -> its "resize" words, which say to a reader of the attributes what the map covers
+CROPS = {"center": "shorter side to input_size/crop_pct",
+         "whole": "the whole image to input_size x input_size, aspect ratio not kept"}
+REGION = ("crop", "crop_pct")  # the footprint fields that fix footprint_box: which pixels the map's cells cover
 CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte-shuffled fp16/int16 then zstd, lossless
 
 
 def make_footprint(input_size: int, crop_pct: float = 1.0, interpolation: str = "bicubic",
-                   shift: float = 0.0) -> dict[str, Any]:
-    """The rule that turned an original image into the labeler's S x S input (core.imaging.boxes.centre_box).
+                   shift: float = 0.0, crop: str = "center") -> dict[str, Any]:
+    """The rule that turned an original image into the labeler's S x S input: crop "center", the centred square of
+    side crop_pct x the shorter side (core.imaging.boxes.centre_box); crop "whole", the whole image resized to
+    S x S, its aspect ratio not kept (crop_pct 1 only).
 
     The map's cells tile the footprint box; `shift` (labeler input pixels, right and down) is how far the box the
     labeler saw was moved so that each token's receptive-field centre falls on its cell's centre
     (labeler.receptive)."""
-    return {"resize": "shorter side to input_size/crop_pct", "crop": "center", "crop_pct": check_crop_pct(crop_pct),
-            "input_size": input_size, "interpolation": interpolation, "shift": shift}
+    if crop not in CROPS:
+        raise UserError(f"footprint crop {crop!r} is unknown; use one of {', '.join(CROPS)}")
+    if crop == "whole" and crop_pct != 1.0:
+        raise UserError(f"crop_pct {crop_pct}: a whole-image footprint has no crop; leave it at 1.0")
+    region = {"crop": crop} if crop == "whole" else {"crop": crop, "crop_pct": check_crop_pct(crop_pct)}
+    return {"resize": CROPS[crop], **region, "input_size": input_size, "interpolation": interpolation, "shift": shift}
 
 
 def footprint_box(footprint: Mapping[str, Any], width: int, height: int) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) in the original image's continuous pixel coordinates that the map covers.
 
-    Resizing the shorter side to S / crop_pct and centre-cropping S x S covers a centred square of side
-    crop_pct * min(width, height) (core.imaging.boxes.centre_box); the dump resamples exactly this box to S x S,
-    and the map's H x W tokens tile it evenly.
+    Crop "center": resizing the shorter side to S / crop_pct and centre-cropping S x S covers a centred square of
+    side crop_pct * min(width, height) (core.imaging.boxes.centre_box). Crop "whole": the whole image, (0, 0,
+    width, height), so on a non-square image a cell is width / W x height / H pixels. The dump resamples exactly
+    this box to S x S, and the map's H x W tokens tile it evenly.
     """
-    if footprint.get("crop") != "center":
-        raise UserError(f"unknown footprint crop {footprint.get('crop')!r}; this store needs a newer tokenlabel")
+    crop = footprint.get("crop")
+    if crop == "whole":
+        return 0.0, 0.0, float(width), float(height)
+    if crop != "center":
+        raise UserError(f"unknown footprint crop {crop!r}; this store needs a newer tokenlabel")
     return centre_box(width, height, footprint["crop_pct"])
 
 
