@@ -81,11 +81,19 @@ def read_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, An
     return {**ckpt, "sha256": digest}
 
 
-def refuse_unsafe(path: Path, error: Exception) -> None:
-    """One line for a file that loads only by running code (torch names the first global it would import)."""
+def code_needed(error: Exception) -> str | None:
+    """What a torch.load(weights_only=True) failure says a file would run ("imports posix.system", torch naming the
+    first global it would import), or None when the file failed for another reason (damaged, not torch's)."""
     if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"imports {found.group(1)}" if found else "holds objects other than tensors and plain containers"
+        return f"imports {found.group(1)}" if found else "holds objects other than tensors and plain containers"
+    return None
+
+
+def refuse_unsafe(path: Path, error: Exception) -> None:
+    """One line for a checkpoint that loads only by running code, with the way out for one you trust."""
+    what = code_needed(error)
+    if what:
         raise UserError(f"{path}: loading it would run code (it {what}), so it is refused; an older tokenlabel "
                         f"checkpoint you trust: `{CONVERT} {path} NEW.pt --trust-code`") from None
 
