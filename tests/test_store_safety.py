@@ -242,7 +242,7 @@ def test_export_overwrite_replaces_only_our_export(dataset, tmp_path):
         export_lvvit(store, store, overwrite=True)
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "results.csv").write_text("keep me")
-    with pytest.raises(UserError, match=rf"holds files that are not an LV-ViT export of tokenlabel \(no {MARKER}"):
+    with pytest.raises(UserError, match=rf"holds files that are not a tokenlabel export of LV-ViT files \(no {MARKER}"):
         export_lvvit(store, tmp_path / "theirs", overwrite=True)
     assert (tmp_path / "theirs" / "results.csv").read_text() == "keep me"
     out = tmp_path / "export"
