@@ -288,3 +288,13 @@ def test_export_keeps_float32_where_float16_would_round_class_ids(dataset, tmp_p
     assert read_marker(tmp_path / "out")["dtype"] == "float32"
     for key in split_keys(wide, "train"):
         assert torch.equal(torch.load(tmp_path / "out" / f"{key}.pt"), torch.load(files / f"{key}.pt"))
+
+
+def test_a_whole_image_footprint_has_no_crop():
+    assert footprint_box(make_footprint(475, crop="whole"), 90, 60) == (0, 0, 90, 60)
+    with pytest.raises(UserError, match=r"crop_pct 0.875: a whole-image footprint has no crop"):
+        make_footprint(475, 0.875, crop="whole")
+    with pytest.raises(UserError, match=r"footprint crop 'full' is unknown; use one of center, whole"):
+        make_footprint(475, crop="full")
+    with pytest.raises(UserError, match=r"unknown footprint crop 'full'; this store needs a newer tokenlabel"):
+        footprint_box({"crop": "full"}, 90, 60)
