@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from common.files import exclusive_lock, write_marker
 from core.checkpoint import read_checkpoint, save_checkpoint
-from core.data import TrainSplit, steps_per_epoch
+from core.data import TrainSplit, deal, steps_per_epoch
 from core.distributed import barrier, leave_distributed, setup_distributed, training_module
 from core.engine import Objective, evaluate, train_one_epoch
 from core.optim import Optimization
@@ -68,6 +68,7 @@ class Trainer:
         self.model, self.train_data = model, data
         self.identity = {"model_name": model_name, "num_classes": num_classes, "img_size": img_size,
                          "model_kwargs": model_kwargs or {}, "classes": data.manifest.classes}
+        deal(data, a.batch_size, self.world, a.workers)
         self.steps = steps_per_epoch(data, a.batch_size, self.world, a.max_steps, a.workers)
         if a.lr is None:  # DeiT's linear rule: --lr-base per 512 images of global batch
             a.lr = a.lr_base * a.batch_size * self.world / 512
@@ -75,10 +76,11 @@ class Trainer:
         self.module = training_module(model, find_unused)
 
     def loader(self) -> DataLoader:
-        """This epoch's training batches; no more workers than this rank has shards (a worker reads whole shards)."""
-        workers = min(self.args.workers, len(self.train_data.rank_shards()))  # as steps_per_epoch counts them
-        return DataLoader(self.train_data, batch_size=self.args.batch_size, num_workers=workers, drop_last=True,
-                          collate_fn=self.train_data.collate, pin_memory=self.device.type == "cuda")
+        """This epoch's training batches; with whole shards dealt, no more workers than this rank has shards."""
+        data = self.train_data
+        workers = self.args.workers if data.split_samples else min(self.args.workers, len(data.rank_shards()))
+        return DataLoader(data, batch_size=self.args.batch_size, num_workers=workers, drop_last=True,
+                          collate_fn=data.collate, pin_memory=self.device.type == "cuda")
 
     def resume(self) -> None:
         a = self.args

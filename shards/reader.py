@@ -164,8 +164,10 @@ def decode_images(encoded: list[torch.Tensor], device: torch.device) -> list[tor
 
 def read_shard(root: str | Path, split: str, filename: str, on_error: str = "raise",
                skips: SkipLog | None = None, manifest: Manifest | None = None,
-               decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample) -> Iterator[dict[str, Any]]:
-    """Yield the decoded samples of one shard in order, each with its row `index` in the split's order.
+               decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample,
+               keep: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the decoded samples of one shard in order, each with its row `index` in the split's order; with
+    `keep`, only those whose row it keeps (the others are skipped before decoding, but checked and counted).
 
     The shard must hold exactly the samples the manifest says: a truncated tar, a corrupt image, a count
     mismatch, or (for a tar read to its end) bytes whose sha256, computed while streaming them, is not the
@@ -195,6 +197,8 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
                 index, seen = first + seen, seen + 1
                 if seen > expected:
                     raise UserError(f"{path}: holds more samples than the {expected} in manifest.json; rebuild the shards")
+                if keep is not None and not keep(index):
+                    continue
                 try:
                     sample = decode(raw)
                 except CorruptSample as e:
@@ -224,23 +228,29 @@ def read_shard(root: str | Path, split: str, filename: str, on_error: str = "rai
 
 
 class ShardReader(IterableDataset):
-    """Stream a split's samples: shards shuffled per epoch (seed + epoch), split over ranks then workers.
+    """Stream a split's samples: shards shuffled per epoch (seed + epoch), dealt to streams (the DataLoader workers
+    of each rank, or the rank itself without workers) as whole shards or, with `split_samples`, sample by sample.
 
-    Every rank sees the same shard order and takes every world_size-th shard; inside a rank, DataLoader workers
-    take every num_workers-th of those. `len()` is this rank's exact sample count for the epoch. rank and
-    world_size default to torch.distributed's. `annotate` sees every sample in shard order, before the shuffle
-    buffer (where per-shard side data, such as a label store's chunk, is cheapest to join); `transform` runs
-    after it, in the worker. `decode` turns each grouped tar sample into the sample (decode_sample, or open_sample
-    where the training device decodes the JPEGs).
+    Whole shards: every rank sees the same shard order and takes every world_size-th shard; inside a rank,
+    DataLoader workers take every num_workers-th of those (each tar is read once per epoch). split_samples=B:
+    every stream reads every shard in that order and keeps only its own samples, skipping the others before
+    decoding. The epoch's permutation `perm` of the split's rows (seeded by seed and epoch; the identity
+    unshuffled) makes row r sample j = perm[r] // world_size of rank perm[r] % world_size, and a rank's samples go
+    to its workers in blocks of B (sample j to worker j // B % num_workers): with B the batch size a rank drops at
+    most one partial batch, whatever its workers. Either way `len()` is this rank's exact sample count for the
+    epoch. rank and world_size default to torch.distributed's. `annotate` sees every sample in shard order,
+    before the shuffle buffer (where per-shard side data, such as a label store's chunk, is cheapest to join);
+    `transform` runs after it, in the worker. `decode` turns each grouped tar sample into the sample
+    (decode_sample, or open_sample where the training device decodes the JPEGs).
     """
 
     def __init__(self, root: str | Path, split: str, *, shuffle: bool = False, seed: int = 0, buffer: int = 512,
                  annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  transform: Callable[[dict[str, Any]], Any] | None = None, on_error: str = "raise",
-                 rank: int | None = None, world_size: int | None = None,
+                 rank: int | None = None, world_size: int | None = None, split_samples: int | None = None,
                  decode: Callable[[dict[str, Any]], dict[str, Any]] = decode_sample):
         self.manifest = load_manifest(root)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.split_samples = rank, world_size, split_samples
         self.split, self.shuffle, self.seed, self.buffer = split, shuffle, seed, buffer
         self.annotate, self.transform, self.on_error, self.decode = annotate, transform, on_error, decode
         self.epoch = 0
@@ -250,12 +260,24 @@ class ShardReader(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rank_shards(self) -> list[tuple[str, int]]:
+    def epoch_shards(self) -> list[tuple[str, int]]:
+        """The split's (shard, sample count) in this epoch's order."""
         shards = self.manifest.shards(self.split)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
+        return shards
+
+    def rank_shards(self) -> list[tuple[str, int]]:
+        """This rank's shards when whole shards are dealt."""
         rank, world = self.node()
-        return shards[rank::world]
+        return self.epoch_shards()[rank::world]
+
+    def stream_rows(self, worker: int, workers: int) -> np.ndarray:
+        """Whether each row of the split is this rank's worker `worker`'s (of `workers`) when samples are split."""
+        rank, world = self.node()
+        rows = self.manifest.count(self.split)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(rows) if self.shuffle else np.arange(rows)
+        return (order % world == rank) & (order // world // self.split_samples % workers == worker)
 
     def node(self) -> tuple[int, int]:
         default_rank, default_world = rank_and_world()
@@ -263,15 +285,20 @@ class ShardReader(IterableDataset):
                 default_world if self.world_size is None else self.world_size)
 
     def __len__(self) -> int:
+        if self.split_samples:
+            rank, world = self.node()
+            return len(range(rank, self.manifest.count(self.split), world))
         return sum(count for _, count in self.rank_shards())
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.rank_shards()[worker::workers]
+        mine, keep = self.rank_shards()[worker::workers], None
+        if self.split_samples:
+            mine, keep = self.epoch_shards(), self.stream_rows(worker, workers).__getitem__
         samples = (sample for name, _ in mine
                    for sample in read_shard(self.manifest.root, self.split, name, self.on_error, self.skips,
-                                            self.manifest, self.decode))
+                                            self.manifest, self.decode, keep))
         if self.annotate:
             samples = map(self.annotate, samples)
         if self.shuffle:

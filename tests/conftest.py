@@ -67,18 +67,29 @@ def stored_map(key: str, rng, num_classes: int = 10):
     return np.stack([scores, classes]).astype(np.float16)
 
 
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory, lvvit_store):
-    """(shard folder, store): demo shards (train: 2 shards of 8, val: 8) and a store of 8x8 maps for 64 px inputs
-    (K=10), imported from LV-ViT .pt files."""
+def demo_with_store(tmp_path_factory, lvvit_store, per_shard: int):
+    """(shard folder, store): demo shards (train: 16 in shards of per_shard, val: 8) and a store of 8x8 maps for
+    64 px inputs (K=10), imported from LV-ViT .pt files."""
     import numpy as np
 
     from shards.demo import build_demo
 
     root = tmp_path_factory.mktemp("data") / "demo"
-    build_demo(root, train=16, val=8, per_shard=8)
+    build_demo(root, train=16, val=8, per_shard=per_shard)
     rng = np.random.default_rng(0)
     return root, lvvit_store(root, lambda row, key: stored_map(key, rng), 64)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, lvvit_store):
+    """demo_with_store's data, train in 2 shards of 8."""
+    return demo_with_store(tmp_path_factory, lvvit_store, 8)
+
+
+@pytest.fixture(scope="session")
+def one_shard_dataset(tmp_path_factory, lvvit_store):
+    """demo_with_store's data, train in one shard of 16."""
+    return demo_with_store(tmp_path_factory, lvvit_store, 16)
 
 
 @pytest.fixture(scope="session")

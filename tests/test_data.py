@@ -6,14 +6,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from common.errors import UserError
+from core.data import deal
 from dump.lvvit import import_lvvit
+from dump.store.reader import open_store
 from shards.demo import build_demo
-from shards.reader import split_keys
+from shards.manifest import load_manifest
+from shards.reader import ShardReader, split_keys
 from train.augment import LabelAwareTransform
-from train.data import StudentData, resolve_labels, token_label_targets
+from train.data import StoreJoin, StudentData, resolve_labels, token_label_targets
 
 GRID = 8
 K = 10
@@ -62,6 +65,57 @@ def test_rows_join_by_key_and_workers_do_not_change_samples(dataset):
         other = by_worker[2][index]
         for name in ("image", "mapping", "scores", "classes", "footprint"):
             assert torch.equal(sample[name], other[name]), (index, name)
+
+
+def samples_by_row(data: StudentData, workers: int) -> dict[int, dict[str, torch.Tensor]]:
+    samples = {}
+    for batch in DataLoader(data, batch_size=4, num_workers=workers):
+        for i, index in enumerate(batch["index"].tolist()):
+            samples[index] = {k: v[i] for k, v in batch.items()}
+    return samples
+
+
+class CountingJoin(StoreJoin):
+    """StoreJoin that tags each sample with how many chunks this process has read from the store so far."""
+
+    reads = 0
+
+    def __call__(self, sample: dict) -> dict:
+        rows = self.rows
+        sample = super().__call__(sample)
+        self.reads += self.rows != rows
+        return {**sample, "reads": self.reads}
+
+
+def test_samples_split_within_shards_join_their_rows_and_look_the_same(dataset):
+    """3 shards for 2 ranks x 2 workers: samples are split within shards; each stream joins its rows with the
+    store (one chunk per shard) and each sample is augmented as whole-shard dealing in one process augments it."""
+    root, store = dataset
+    whole = StudentData(root, store, plain(), seed=5)
+    whole.set_epoch(1)
+    reference = samples_by_row(whole, 0)
+    split = {}
+    for rank in (0, 1):
+        data = StudentData(root, store, plain(), seed=5, rank=rank, world_size=2)
+        deal(data, 4, 2, 2)
+        assert data.split_samples == 4
+        data.set_epoch(1)
+        mine = samples_by_row(data, 2)
+        assert len(mine) == len(data) == 12 and not mine.keys() & split.keys()
+        split |= mine
+    assert sorted(split) == sorted(reference) == list(range(24))
+    join = CountingJoin(open_store(store), load_manifest(root).offsets("train"))
+    reader = ShardReader(root, "train", shuffle=True, rank=1, world_size=2, split_samples=4, annotate=join,
+                         transform=lambda sample: (get_worker_info().id, sample["index"], sample["reads"]))
+    reads, shards = {}, {}
+    for worker, index, count in DataLoader(reader, batch_size=None, num_workers=2):
+        reads[worker] = max(reads.get(worker, 0), count)
+        shards.setdefault(worker, set()).add(index // 8)
+    assert reads == {worker: len(held) for worker, held in shards.items()}  # one chunk read per shard it holds rows of
+    for index, sample in split.items():
+        assert int(sample["classes"][0, 0, 0]) == index % K  # the row of this sample's key
+        for name in ("image", "mapping", "scores", "classes", "footprint"):
+            assert torch.equal(sample[name], reference[index][name]), (index, name)
 
 
 def test_targets_follow_flips_through_the_loader(dataset):

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, get_worker_info
 
-from core.data import steps_per_epoch
+from common.errors import UserError
+from core.data import TrainSplit, deal, steps_per_epoch
 from core.engine import train_one_epoch
 from core.eval_data import EvalTransform
 from core.imaging.boxes import centre_box, fill_colour
@@ -18,7 +20,8 @@ from core.imaging.pil import labeler_input
 from core.optim import Optimization
 from dump.store.schema import footprint_box, make_footprint
 from shards.build import build
-from shards.reader import ShardReader
+from shards.demo import build_demo
+from shards.reader import ShardReader, decode_sample
 from train.augment import LabelAwareEvalTransform, LabelAwareTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +80,74 @@ def test_every_rank_gets_the_full_batches_of_every_epoch(tmp_path):
     # 5 shards on 2 workers: 3 and 2 shards, at least 3 + 7 + 7 and 3 + 7 images: 17 // 4 + 10 // 4 batches
     assert steps_per_epoch(data, 4, 1, workers=2) == 6
     assert steps_per_epoch(data, 4, 1, cap=2) == 2
+
+
+class CountingDecode:
+    """decode_sample that tags each sample with how many samples this process has decoded so far."""
+
+    def __init__(self):
+        self.decoded = 0
+
+    def __call__(self, raw: dict) -> dict:
+        self.decoded += 1
+        return {**decode_sample(raw), "decoded": self.decoded}
+
+
+def stream_tag(sample: dict) -> tuple[int, int, int]:
+    return sample["index"], get_worker_info().id, sample["decoded"]
+
+
+def test_one_shard_is_split_by_sample_over_two_ranks_of_two_workers(tmp_path):
+    """30 images in one shard, 2 ranks x 2 DataLoader workers, batch 4: every sample of each epoch is read by
+    exactly one of the 4 streams, which decodes only its own; each rank gets the 3 batches steps_per_epoch
+    counts; the deal changes with the epoch. Rows are dealt in blocks of the batch, so a rank drops one partial
+    batch at most."""
+    build_demo(tmp_path / "one", train=30, val=2, per_shard=30)
+    ranks = [TrainSplit(tmp_path / "one", stream_tag, seed=3, rank=rank, world_size=2, decode=CountingDecode())
+             for rank in (0, 1)]
+    for data in ranks:
+        deal(data, 4, 2, 2)
+        assert data.split_samples == 4 and steps_per_epoch(data, 4, 2, workers=2) == 3  # 15 rows a rank
+    partitions = []
+    for epoch in (0, 1):
+        streams: dict[tuple[int, int], list[int]] = {}
+        for rank, data in enumerate(ranks):
+            data.set_epoch(epoch)
+            assert len(data) == 15
+            decoded = {}
+            for index, worker, count in DataLoader(data, batch_size=None, num_workers=2):
+                streams.setdefault((rank, worker), []).append(index)
+                decoded[worker] = max(decoded.get(worker, 0), count)
+            assert decoded == {w: len(streams[rank, w]) for w in (0, 1)}  # a stream decodes only what it yields
+            batches = list(DataLoader(data, batch_size=4, num_workers=2, drop_last=True, collate_fn=list))
+            assert len(batches) == 3
+        assert len(streams) == 4 and sorted(sum(streams.values(), [])) == list(range(30))
+        assert sorted(len(rows) for rows in streams.values()) == [7, 7, 8, 8]
+        partitions.append({rank_worker: sorted(rows) for rank_worker, rows in streams.items()})
+    assert partitions[0] != partitions[1]
+    deal(ranks[0], 16, 2, 2)
+    with pytest.raises(UserError, match=r"one: 30 train images over 2 rank\(s\) leave a rank no full batch: fewer "
+                                        r"than --batch-size 16 images; lower the batch size$"):
+        steps_per_epoch(ranks[0], 16, 2, workers=2)
+
+
+def test_many_shards_are_dealt_whole(tmp_path):
+    """Enough shards for every stream, each giving its full batches: whole shards, each tar read once an epoch;
+    a short shard that would cost more than a tenth of the steps: split samples."""
+    build_demo(tmp_path / "even", train=64, val=2, per_shard=8)  # 8 shards of 8
+    data = TrainSplit(tmp_path / "even", stream_tag, rank=0, world_size=2)
+    deal(data, 4, 2, 2)
+    assert data.split_samples is None and steps_per_epoch(data, 4, 2, workers=2) == 8
+    deal(data, 4, 2, 3)  # 8 shards for 6 streams, 8 steps either way
+    assert data.split_samples is None
+    deal(data, 4, 4, 2)  # 8 shards for 8 streams
+    assert data.split_samples is None
+    deal(data, 4, 4, 3)  # 12 streams: workers would idle
+    assert data.split_samples == 4
+    build_demo(tmp_path / "short", train=36, val=2, per_shard=16)  # 16, 16, 4: a rank may get the shard of 4
+    data = TrainSplit(tmp_path / "short", stream_tag, rank=0, world_size=2)
+    deal(data, 4, 2, 0)
+    assert data.split_samples == 4 and steps_per_epoch(data, 4, 2) == 4  # whole shards: 1 step for a rank
 
 
 def at_epoch(root: Path, rank: int, world: int, epoch: int) -> ShardReader:

@@ -80,6 +80,25 @@ def twin_shards(root: Path) -> Path:
     return root
 
 
+def on_two_ranks(args: list[str]) -> None:
+    """labeler.train under torchrun: 2 CPU processes (gloo), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "labeler.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_one_shard_trains_a_labeler_on_two_ranks_of_two_workers(tmp_path):
+    """One train shard of 32 on 2 ranks x 2 DataLoader workers, batch 8: samples are split within the shard, each
+    rank takes its 2 steps and the epoch sees all 32 samples."""
+    build_demo(tmp_path / "one", train=32, val=8, per_shard=32)
+    on_two_ranks(["--shards", str(tmp_path / "one"), "--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "2",
+                  *FAST, "--batch-size", "8"])
+    (record,) = _metrics(tmp_path / "run")
+    assert (record["world_size"], record["train_samples"]) == (2, 32) and record["train_loss"] > 0
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["step"] == 2
+
+
 def test_ddp_first_step_matches_one_process_on_the_global_batch(tmp_path):
     """torchrun, gloo, 2 CPU processes of batch 16 (one train shard each) vs one process of batch 32: one step.
 
@@ -90,11 +109,7 @@ def test_ddp_first_step_matches_one_process_on_the_global_batch(tmp_path):
     root = twin_shards(tmp_path / "twins")
     flags = ["--shards", str(root), "--model", "fan_demo_tiny_p8", "--epochs", "1", "--max-steps", "1",
              "--opt", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--weight-decay", "0", "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "labeler.train", *flags, "--batch-size", "16", "--out", str(tmp_path / "ddp")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    on_two_ranks([*flags, "--batch-size", "16", "--out", str(tmp_path / "ddp")])
     main([*flags, "--batch-size", "32", "--out", str(tmp_path / "one")])
 
     (ddp,), (one,) = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")

@@ -132,11 +132,7 @@ def test_ddp_first_step_matches_one_process_on_the_global_batch(dataset, tmp_pat
     flags = ["--model", "vit_tiny_patch16_224", "--patch-size", "16", "--max-steps", "1", "--mix", "none",
              "--target", "softmax", "--drop-path", "0", "--aa", "none", "--opt", "sgd", "--lr", "0.1",
              "--warmup-epochs", "0", "--weight-decay", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "train.student", *argv(store, tmp_path / "ddp", *flags)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    on_two_ranks(argv(store, tmp_path / "ddp", *flags))
     main(argv(store, tmp_path / "one", *flags, "--batch-size", "16"))
 
     (ddp,), (one,) = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
@@ -148,6 +144,36 @@ def test_ddp_first_step_matches_one_process_on_the_global_batch(dataset, tmp_pat
     for key in a:  # SGD: the update is linear in the gradient, so DDP's averaged gradient must match closely
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
     assert sum(float((a[key] - initial[key]).abs().sum()) for key in a) > 1.0
+
+
+def on_two_ranks(*runs: list[str]) -> None:
+    """train.student runs side by side, each under torchrun: 2 CPU processes (gloo), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  "2", "-m", "train.student", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for args in runs]
+    for launch in launches:
+        _, err = launch.communicate(timeout=120)
+        assert launch.returncode == 0, err[-3000:]
+
+
+def test_one_shard_trains_on_two_ranks_of_two_workers_and_resumes_bitwise(one_shard_dataset, tmp_path):
+    """One train shard of 16 on 2 ranks x 2 DataLoader workers, batch 4: samples are split within the shard, so
+    each rank takes 2 steps an epoch and the epoch sees all 16 samples; a run stopped after its first epoch and
+    resumed ends bitwise equal to the uninterrupted one."""
+    _, store = one_shard_dataset
+    flags = ["--epochs", "2", "--batch-size", "4", "--workers", "2", "--mix", "cutmix", "--drop-path", "0.1"]
+    on_two_ranks(argv(store, tmp_path / "straight", *flags), argv(store, tmp_path / "resumed", *flags, "--stop-after", "1"))
+    on_two_ranks(argv(store, tmp_path / "resumed", *flags))
+    records = without_times(metrics(tmp_path / "straight"))
+    assert [(r["world_size"], r["train_samples"]) for r in records] == [(2, 16), (2, 16)]
+    assert records == without_times(metrics(tmp_path / "resumed"))
+    a, b = (read_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "resumed"))
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 4
+    for name in ("state_dict", "ema"):
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
 def test_online_labeler_makes_the_targets_without_a_store(tmp_path):
